@@ -38,15 +38,15 @@ Array = jax.Array
 TARGETS = ("eps", "x0", "v")
 
 
-def _bcast(logsnr: Array, x: Array) -> Array:
-  """Broadcasts a per-example log-SNR [B] (or a scalar) against x [B, ...]."""
-  logsnr = jnp.asarray(logsnr, x.dtype)
-  return logsnr.reshape(logsnr.shape + (1,) * (x.ndim - logsnr.ndim))
+def expand_to(v: Array, x: Array) -> Array:
+  """Reshapes a per-example value [B] (or a scalar) to broadcast against x [B, ...]."""
+  v = jnp.asarray(v, x.dtype)
+  return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
 def diffuse(x0: Array, eps: Array, logsnr: Array) -> Array:
   """x_t = alpha x0 + sigma eps at per-example log-SNR `logsnr` ([B] or scalar)."""
-  alpha, sigma = alpha_sigma(_bcast(logsnr, x0))
+  alpha, sigma = alpha_sigma(expand_to(logsnr, x0))
   return alpha * x0 + sigma * eps
 
 
@@ -58,7 +58,7 @@ def _check_target(target: str) -> None:
 def to_x0(pred: Array, x_t: Array, logsnr: Array, target: str) -> Array:
   """Converts a prediction in `target` space into an x0 prediction."""
   _check_target(target)
-  alpha, sigma = alpha_sigma(_bcast(logsnr, x_t))
+  alpha, sigma = alpha_sigma(expand_to(logsnr, x_t))
   if target == "x0":
     return pred
   if target == "eps":
@@ -69,7 +69,7 @@ def to_x0(pred: Array, x_t: Array, logsnr: Array, target: str) -> Array:
 def from_x0(x0: Array, x_t: Array, logsnr: Array, target: str) -> Array:
   """Converts an x0 prediction into `target` space."""
   _check_target(target)
-  alpha, sigma = alpha_sigma(_bcast(logsnr, x_t))
+  alpha, sigma = alpha_sigma(expand_to(logsnr, x_t))
   if target == "x0":
     return x0
   eps = (x_t - alpha * x0) / sigma
@@ -87,7 +87,7 @@ def convert(pred: Array, x_t: Array, logsnr: Array, src: str, dst: str) -> Array
   _check_target(dst)
   if src == dst:
     return pred
-  alpha, sigma = alpha_sigma(_bcast(logsnr, x_t))
+  alpha, sigma = alpha_sigma(expand_to(logsnr, x_t))
   if (src, dst) == ("v", "eps"):
     return sigma * x_t + alpha * pred
   if (src, dst) == ("eps", "v"):
@@ -98,7 +98,7 @@ def convert(pred: Array, x_t: Array, logsnr: Array, src: str, dst: str) -> Array
 
 def targets(x0: Array, eps: Array, logsnr: Array) -> dict[str, Array]:
   """The regression target of each kind for a noised example."""
-  alpha, sigma = alpha_sigma(_bcast(logsnr, x0))
+  alpha, sigma = alpha_sigma(expand_to(logsnr, x0))
   return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}
 
 
@@ -173,8 +173,9 @@ def weighted_mse(pred: Array, x0: Array, eps: Array, logsnr: Array, *, target: s
   prediction in `target` space."""
   _check_target(target)
   err = pred - targets(x0, eps, logsnr)[target]
-  mse = jnp.mean(jnp.square(err.astype(jnp.float32)), axis=tuple(range(1, err.ndim)))
-  logsnr = jnp.asarray(logsnr, jnp.float32)
+  err = err.astype(jnp.promote_types(err.dtype, jnp.float32))  # bf16 models: f32 loss
+  mse = jnp.mean(jnp.square(err), axis=tuple(range(1, err.ndim)))
+  logsnr = jnp.asarray(logsnr, mse.dtype)
   return mse * weighting(logsnr) / _eps_mse_factor(target, logsnr)
 
 

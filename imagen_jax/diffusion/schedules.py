@@ -115,7 +115,9 @@ class Schedule:
     u0, u1, _ = self._u_range
     logsnr = jnp.clip(jnp.asarray(logsnr, jnp.result_type(logsnr, jnp.float32)),
                       self.logsnr_min, self.logsnr_max)
-    return jnp.clip((self._raw_u(logsnr) - u0) / (u1 - u0), 0.0, 1.0)
+    t = jnp.clip((self._raw_u(logsnr) - u0) / (u1 - u0), 0.0, 1.0)
+    # Exact ends (float32 u and float64 u0 can differ by an ulp at the clip points).
+    return jnp.where(logsnr >= self.logsnr_max, 0.0, jnp.where(logsnr <= self.logsnr_min, 1.0, t))
 
   @staticmethod
   def alpha_sigma(logsnr: Array) -> tuple[Array, Array]:
