@@ -350,6 +350,9 @@ def logsnr_density(schedule: Schedule, logsnr: Array) -> Array:
   return jnp.abs(dt(logsnr.reshape(-1))).reshape(logsnr.shape)
 
 
+GRIDS = ("t", "logsnr", "karras")
+
+
 def logsnr_grid(schedule: Schedule, steps: int, kind: str = "t", rho: float = 7.0) -> Array:
   """`steps` log-SNR levels from logsnr_min to logsnr_max, the points a sampler visits.
 
@@ -367,4 +370,4 @@ def logsnr_grid(schedule: Schedule, steps: int, kind: str = "t", rho: float = 7.
   if kind == "karras":
     a, b = math.exp(-lo / (2 * rho)), math.exp(-hi / (2 * rho))  # sigma_max^(1/rho), sigma_min^(1/rho)
     return -2.0 * rho * jnp.log(a + frac * (b - a))
-  raise ValueError(f"Unknown grid {kind!r}; choose 't', 'logsnr' or 'karras'.")
+  raise ValueError(f"Unknown grid {kind!r}; choose one of {GRIDS}.")

@@ -26,6 +26,7 @@ from imagen_jax.diffusion.schedules import alpha_sigma
 Array = jax.Array
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GaussianMixture:
   """Mixture with weights [K], means [K, D] and covariances given by eigenpairs.

@@ -1,0 +1,34 @@
+# The two commands of the README. Each creates .venv/ and installs what it needs itself.
+#   make demo   the main job (at this stage: the sampler benchmark on the exact mixture
+#               denoiser, plus one launch.py run of the analytic testbed)
+#   make test   the test suite (what CI runs, through .ci/run)
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test install clean-venv
+
+install: $(STAMP)
+
+# Reinstalls when the pins change. `pip install -e .` makes `imagen_jax` importable from
+# anywhere (scripts, benchmarks, subprocess tests).
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+demo: $(STAMP)
+	$(PY) benchmarks/samplers.py --out $(DEMO_DIR)/sampler_benchmark
+	$(PY) launch.py --config=configs/gmm.py:ring --workdir=$(DEMO_DIR)/gmm_ring --mode=sample
+	@echo "demo outputs: $(DEMO_DIR)/ (sampler table: $(DEMO_DIR)/sampler_benchmark/samplers.md)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+clean-venv:
+	rm -rf $(VENV)

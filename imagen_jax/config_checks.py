@@ -1,0 +1,209 @@
+"""Checks a config before any job runs, so that mistakes fail in a second, in words.
+
+`validate(config, mode)` raises `ConfigError`, whose message names the key path, the bad
+value, the allowed values (with a "did you mean" hint) and the fix, e.g.
+
+  diffusion.schedule='cosin': unknown schedule. Did you mean 'cosine'? Allowed: 'cosine',
+  'edm', ... Fix: pass --config.diffusion.schedule=cosine (or edit the config file).
+
+Each config `kind` lists the modes it supports and the checks it runs in `KINDS`; a new
+kind (or a new section such as model/train) adds its check functions there. Checks are
+pure: they read the config and the registries of `imagen_jax.diffusion`, nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from imagen_jax.diffusion import samplers, schedules
+
+# Sampler keys that are not method options; every other key of diffusion.sampler is one.
+SAMPLER_KEYS = ("method", "steps", "grid", "rho")
+
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+  """A config value the user can fix; `key` is its dotted path (or a flag such as --mode).
+
+  `allowed` lists the valid values, or the valid key names when `bad_key` is set: then
+  the key itself is what is wrong, and the hint is matched against its last component.
+  """
+
+  def __init__(self, key: str, value: Any, problem: str, *,
+               allowed: Sequence[Any] | None = None, fix: str | None = None,
+               bad_key: bool = False):
+    self.key, self.value = key, value
+    shown = "<missing>" if value is _MISSING else repr(value)
+    msg = f"{key}={shown}: {problem}."
+    hint = None
+    if allowed is not None:
+      wrong = key.rsplit(".", 1)[-1] if bad_key else str(value)
+      close = difflib.get_close_matches(wrong, [str(a) for a in allowed], n=1)
+      hint = close[0] if close else None
+      if hint is not None:
+        msg += f" Did you mean {hint!r}?"
+      msg += " Allowed: " + ", ".join(map(repr, allowed)) + "."
+    if fix is None and bad_key:
+      fix = f"rename it{f' to {hint!r}' if hint else ''} or remove it in the config file"
+    elif fix is None:
+      flag = key if key.startswith("--") else f"--config.{key}"
+      fix = f"pass {flag}={hint if hint is not None else 'VALUE'} (or edit the config file)"
+    super().__init__(f"{msg} Fix: {fix}.")
+
+
+Check = Callable[[ml_collections.ConfigDict, str], None]
+
+
+# Small readers: each returns the value at `path` or raises ConfigError naming it. -------
+
+def get(config: ml_collections.ConfigDict, path: str) -> Any:
+  """The value at dotted `path`; a missing key is a ConfigError, not an AttributeError."""
+  node = config
+  for part in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ConfigError(path, _MISSING, "the config has no such key",
+                        fix="add it to the config file")
+    node = node[part]
+  return node
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def one_of(config: ml_collections.ConfigDict, path: str, allowed: Sequence[Any]) -> Any:
+  value = get(config, path)
+  if value not in allowed:
+    raise ConfigError(path, value, f"unknown {path.rsplit('.', 1)[-1]}", allowed=allowed)
+  return value
+
+
+def positive_int(config: ml_collections.ConfigDict, path: str, minimum: int = 1) -> int:
+  value = get(config, path)
+  if not (_is_int(value) and value >= minimum):
+    raise ConfigError(path, value, f"must be an integer >= {minimum}")
+  return value
+
+
+def integer(config: ml_collections.ConfigDict, path: str) -> int:
+  value = get(config, path)
+  if not _is_int(value):
+    raise ConfigError(path, value, "must be an integer")
+  return value
+
+
+def number(config: ml_collections.ConfigDict, path: str, *, low: float = -math.inf,
+           strict: bool = False) -> float:
+  """A non-NaN number >= low (> low when strict); infinity is allowed when above low."""
+  value = get(config, path)
+  if not (_is_number(value) and (value > low if strict else value >= low)):
+    raise ConfigError(path, value, f"must be a number {'>' if strict else '>='} {low}")
+  return value
+
+
+# Section checks. -------------------------------------------------------------------
+
+def check_gmm_data(config: ml_collections.ConfigDict, mode: str) -> None:
+  """data: the analytic Gaussian-mixture testbed."""
+  mixture = one_of(config, "data.mixture", ("ring", "random"))
+  positive_int(config, "data.num_modes")
+  dim = positive_int(config, "data.dim")
+  if mixture == "ring":
+    if dim != 2:
+      raise ConfigError("data.dim", dim, "the ring mixture is 2-D",
+                        fix="pass --config.data.dim=2, or --config.data.mixture=random for "
+                            "a mixture of any dimension")
+    number(config, "data.radius", low=0.0, strict=True)
+    number(config, "data.std", low=0.0, strict=True)
+  else:
+    integer(config, "data.seed")
+
+
+def check_schedule(config: ml_collections.ConfigDict, mode: str) -> None:
+  """diffusion.schedule and diffusion.schedule_kw: building the schedule must succeed."""
+  name = one_of(config, "diffusion.schedule", sorted(schedules.SCHEDULES))
+  kw_cfg = get(config, "diffusion.schedule_kw")
+  kw = kw_cfg.to_dict() if isinstance(kw_cfg, ml_collections.ConfigDict) else dict(kw_cfg)
+  fields = [f.name for f in dataclasses.fields(schedules.SCHEDULES[name]) if f.init]
+  for key in kw:
+    if key not in fields:
+      raise ConfigError(
+          f"diffusion.schedule_kw.{key}", kw[key], f"not an argument of schedule {name!r}",
+          allowed=fields, bad_key=True,
+          fix="replace the whole dict, e.g. --config.diffusion.schedule_kw=\"{'"
+              f"{fields[0]}': ...}}\" (or --config.diffusion.schedule_kw=\"{{}}\" for defaults)")
+  try:
+    schedules.get_schedule(name, **kw)
+  except (TypeError, ValueError) as e:
+    raise ConfigError("diffusion.schedule_kw", kw, f"schedule {name!r} rejects it ({e})",
+                      fix="change the values in --config.diffusion.schedule_kw=\"{...}\"") from e
+
+
+def check_sampler(config: ml_collections.ConfigDict, mode: str) -> None:
+  """diffusion.sampler: method, steps, grid, rho and method options."""
+  one_of(config, "diffusion.sampler.method", sorted(samplers.METHODS))
+  positive_int(config, "diffusion.sampler.steps")
+  one_of(config, "diffusion.sampler.grid", schedules.GRIDS)
+  number(config, "diffusion.sampler.rho", low=0.0, strict=True)
+  options = sorted({k for ks in samplers.METHOD_KWARGS.values() for k in ks})
+  for key in get(config, "diffusion.sampler"):
+    if key in SAMPLER_KEYS:
+      continue
+    path = f"diffusion.sampler.{key}"
+    if key not in options:
+      raise ConfigError(path, get(config, path), "not a sampler option",
+                        allowed=list(SAMPLER_KEYS) + options, bad_key=True)
+    number(config, path, low=0.0)  # eta, churn, noise scale and sigma bounds are >= 0
+  sampler = get(config, "diffusion.sampler")
+  if "s_tmin" in sampler and "s_tmax" in sampler and sampler.s_tmin > sampler.s_tmax:
+    raise ConfigError("diffusion.sampler.s_tmin", sampler.s_tmin,
+                      f"must not exceed diffusion.sampler.s_tmax={sampler.s_tmax}")
+
+
+def check_eval_samples(config: ml_collections.ConfigDict, mode: str) -> None:
+  """eval: sample count (>= 2, for covariances), seed, sliced-Wasserstein projections."""
+  positive_int(config, "eval.num_samples", minimum=2)
+  integer(config, "eval.seed")
+  positive_int(config, "eval.num_projections")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """What a config `kind` can run (`modes`) and the checks its config must pass."""
+
+  modes: tuple[str, ...]
+  checks: tuple[Check, ...]
+  why: str = ""  # shown when a mode is not supported
+
+
+KINDS: dict[str, Kind] = {
+    "gmm": Kind(
+        modes=("sample",),
+        checks=(check_gmm_data, check_schedule, check_sampler, check_eval_samples),
+        why="the Gaussian-mixture testbed uses its exact denoiser, so there is no "
+            "network to train, evaluate or precompute inputs for"),
+}
+
+
+def validate(config: ml_collections.ConfigDict, mode: str) -> None:
+  """Raises ConfigError for the first problem found in `config` run under `mode`."""
+  kind = one_of(config, "kind", sorted(KINDS))
+  spec = KINDS[kind]
+  if mode not in spec.modes:
+    modes = ", ".join(f"--mode={m}" for m in spec.modes)
+    raise ConfigError(
+        "--mode", mode,
+        f"configs of kind {kind!r} support only {modes}" + (f" ({spec.why})" if spec.why else ""),
+        fix=f"pass {modes.split(', ')[0]}, or a config of another kind")
+  for check in spec.checks:
+    check(config, mode)

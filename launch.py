@@ -1,0 +1,149 @@
+r"""Runs one experiment: a config, a workdir and a mode.
+
+  python launch.py --config=configs/FILE.py[:VARIANT] --workdir=DIR --mode=MODE \
+      [--config.KEY=VALUE ...]
+
+MODE is train, sample, eval or precompute; each config kind supports some of them
+(configs/gmm.py, the analytic testbed: sample). Examples:
+
+  python launch.py --config=configs/gmm.py:ring --workdir=/tmp/gmm --mode=sample
+  python launch.py --config=configs/gmm.py:64d --workdir=/tmp/gmm64 --mode=sample \
+      --config.diffusion.sampler.method=heun --config.diffusion.sampler.steps=18
+
+Overrides can only set keys the config already has (configs are locked); a dict-valued
+key is replaced whole: --config.diffusion.schedule_kw="{'logsnr_min': -20.0}".
+Mistakes a user can fix (a bad flag or value, an unknown key, an unsupported mode) print
+one paragraph on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from typing import NoReturn
+
+from absl import app, flags
+import ml_collections
+from ml_collections import config_flags
+
+MODES = ("train", "sample", "eval", "precompute")
+# (config kind, mode) -> "module:function", called as function(config, workdir). Modules
+# are imported only after the config is validated, so a typo fails before JAX compiles.
+JOBS = {("gmm", "sample"): "imagen_jax.testbed_job:run"}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with a variant: configs/FILE.py[:VARIANT].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory; created if missing. Jobs overwrite only their own files.")
+_MODE = flags.DEFINE_enum("mode", None, MODES, "What to run with the config.")
+flags.mark_flags_as_required(["config", "workdir", "mode"])
+
+
+def _fail(message: str) -> NoReturn:
+  print(f"launch.py: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; flags need a leading -- and KEY=VALUE form.")
+  config, mode, workdir = _CONFIG.value, _MODE.value, _WORKDIR.value
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    _fail(f"--workdir={workdir} exists and is not a directory.")
+
+  from imagen_jax import config_checks  # imports JAX (the schedule/sampler registries)
+  try:
+    config_checks.validate(config, mode)
+  except config_checks.ConfigError as e:
+    _fail(str(e))
+
+  module, function = JOBS[(config.kind, mode)].split(":")
+  getattr(importlib.import_module(module), function)(config, workdir)
+
+
+# Flag parsing: absl's, with one-paragraph messages and exit status 2 for user errors. -----
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; a mistake in a flag, an override or the config file exits 2."""
+  spec = _flag_value(argv, "config")
+  if spec is not None and not os.path.isfile(spec.split(":", 1)[0]):
+    _fail(f"--config={spec}: no such file {spec.split(':', 1)[0]!r} "
+          f"(relative paths start from {os.getcwd()}).")
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(_short_flag_error(str(e)))
+  except (KeyError, AttributeError) as e:
+    # ml_collections raises these, without the key's path, for an override of a key the
+    # config lacks; name that key.
+    message = _unknown_override(argv, spec)
+    if message is None:
+      raise
+    _fail(message)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith((f"--{name}=", f"-{name}=")):
+      return arg.split("=", 1)[1]
+    if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _short_flag_error(message: str) -> str:
+  """A config file whose get_config raised comes back as a whole traceback; keep its
+  last frame and the exception line."""
+  required = re.search(r"Flag --(\w+) must have a value other than None", message)
+  if required:
+    return (f"--{required.group(1)} is required. Usage: python launch.py "
+            f"--config=configs/FILE.py[:VARIANT] --workdir=DIR --mode={'|'.join(MODES)}")
+  head, sep, trace = message.partition(": Error whilst parsing config file")
+  if not sep:
+    return message
+  lines = [l.strip() for l in trace.splitlines() if l.strip()]
+  frames = [l for l in lines if l.startswith("File ")]
+  return f"{head}: {lines[-1]}" + (f" ({frames[-1]})" if frames else "")
+
+
+def _unknown_override(argv: list[str], spec: str | None) -> str | None:
+  """Names the first `--config.KEY` override whose key the config does not have."""
+  if spec is None:
+    return None
+  try:  # load it again, as ml_collections does: the failed parse kept no config
+    path, *arg = spec.split(":", 1)
+    module_spec = importlib.util.spec_from_file_location("_launch_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(*arg)
+  except Exception:  # the original error is more useful than this one
+    return None
+  for arg in argv:
+    match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    if not match:
+      continue
+    node, parts = config, match.group(1).split(".")
+    for i, part in enumerate(parts):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      where = f"under {'.'.join(parts[:i])}" if i else "at the top level"
+      keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      hint = difflib.get_close_matches(part, keys, n=1)
+      return (f"--config.{match.group(1)}: {spec} has no key {part!r} {where}"
+              + (f" (did you mean {hint[0]!r}?)" if hint else "")
+              + (f"; keys there: {', '.join(keys)}" if keys else "")
+              + ". Configs are locked, so overrides can only set keys the config file "
+                "defines; add new keys there"
+              + (f", or replace the whole dict: --config.{'.'.join(parts[:i])}=\"{{'{part}': VALUE}}\"."
+                 if i and isinstance(node, ml_collections.ConfigDict) and not keys else "."))
+  return None
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,184 @@
+"""config_checks.validate: each check rejects its bad values with a message that names the
+key path, the value, the allowed values (with a hint) and a fix; good configs pass."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+import pytest
+
+from imagen_jax import config_checks
+from imagen_jax.config_checks import ConfigError, validate
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(f"_test_{name}", CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture
+def cfg() -> ml_collections.ConfigDict:
+  """The smoke config, unlocked so tests can also add or delete keys."""
+  return load_config("gmm", "smoke")
+
+
+def error(config, mode="sample") -> ConfigError:
+  with pytest.raises(ConfigError) as info:
+    validate(config, mode)
+  return info.value
+
+
+@pytest.mark.parametrize("variant", [None, "ring", "64d", "smoke"])
+def test_gmm_variants_are_valid(variant):
+  validate(load_config("gmm", variant), "sample")
+
+
+def test_unknown_variant_is_named():
+  with pytest.raises(ValueError, match="'bogus'.*smoke"):
+    load_config("gmm", "bogus")
+
+
+def test_message_format(cfg):
+  cfg.diffusion.schedule = "cosin"
+  e = error(cfg)
+  assert isinstance(e, ValueError) and e.key == "diffusion.schedule" and e.value == "cosin"
+  msg = str(e)
+  assert msg.startswith("diffusion.schedule='cosin': ")
+  assert "Did you mean 'cosine'?" in msg
+  assert "Allowed: 'cosine', 'edm', " in msg
+  assert msg.endswith("Fix: pass --config.diffusion.schedule=cosine (or edit the config file).")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "precompute", "nonsense"])
+def test_unsupported_mode(cfg, mode):
+  e = error(cfg, mode)
+  assert e.key == "--mode"
+  assert "'gmm'" in str(e) and "--mode=sample" in str(e) and "no network" in str(e)
+
+
+def test_unknown_kind(cfg):
+  cfg.kind = "gmn"
+  e = error(cfg)
+  assert e.key == "kind" and "Did you mean 'gmm'?" in str(e)
+
+
+def test_missing_key(cfg):
+  del cfg.diffusion.sampler["grid"]
+  e = error(cfg)
+  assert e.key == "diffusion.sampler.grid" and "<missing>" in str(e) and "no such key" in str(e)
+
+
+# data --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("mixture", "rng", "Did you mean 'ring'?"),
+    ("dim", 3, "ring mixture is 2-D"),
+    ("num_modes", 0, "integer >= 1"),
+    ("num_modes", 2.0, "integer >= 1"),
+    ("std", 0.0, "> 0.0"),
+    ("radius", -1.0, "> 0.0"),
+])
+def test_data(cfg, key, value, fragment):
+  cfg.data = dict(cfg.data.to_dict(), **{key: value})  # a new dict: types may change
+  e = error(cfg)
+  assert e.key == f"data.{key}" and fragment in str(e)
+
+
+def test_random_mixture_takes_any_dim_but_an_integer_seed(cfg):
+  cfg.data.update(mixture="random", dim=3)
+  validate(cfg, "sample")
+  cfg.data.dim = 0
+  assert error(cfg).key == "data.dim"
+  cfg.data = dict(cfg.data.to_dict(), dim=3, seed=0.5)
+  assert error(cfg).key == "data.seed"
+
+
+# schedule ----------------------------------------------------------------------------
+
+def test_schedule_kw_unknown_argument(cfg):
+  cfg.diffusion.schedule_kw = {"shif": 1.0}
+  e = error(cfg)
+  assert e.key == "diffusion.schedule_kw.shif"
+  assert "Did you mean 'shift'?" in str(e) and "'logsnr_min'" in str(e)
+
+
+def test_schedule_kw_rejected_by_the_schedule(cfg):
+  cfg.diffusion.schedule_kw = {"logsnr_min": 3.0, "logsnr_max": 1.0}
+  e = error(cfg)
+  assert e.key == "diffusion.schedule_kw" and "logsnr_min < logsnr_max" in str(e)
+
+
+def test_schedule_kw_follows_the_schedule(cfg):
+  cfg.diffusion.schedule = "edm"
+  validate(cfg, "sample")             # defaults
+  cfg.diffusion.schedule_kw = {"sigma_max": 40.0}
+  validate(cfg, "sample")
+  cfg.diffusion.schedule_kw = {"logsnr_min": -5.0}  # EDM derives it from sigma_max
+  assert error(cfg).key == "diffusion.schedule_kw.logsnr_min"
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "shifted_cosine", "sigmoid", "edm",
+                                  "laplace", "lognormal"])
+def test_every_registered_schedule_passes(cfg, name):
+  cfg.diffusion.schedule = name
+  validate(cfg, "sample")
+
+
+# sampler -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("method", "dpm", "Did you mean 'ddpm'?"),
+    ("grid", "karas", "Did you mean 'karras'?"),
+    ("steps", 0, "integer >= 1"),
+    ("steps", -3, "integer >= 1"),
+    ("steps", 2.5, "integer >= 1"),
+    ("steps", True, "integer >= 1"),
+    ("rho", 0.0, "> 0.0"),
+    ("eta", -0.5, ">= 0.0"),
+    ("s_noise", float("nan"), ">= 0.0"),
+])
+def test_sampler(cfg, key, value, fragment):
+  # A new dict, so that type changes (2.5 for an int) get through ConfigDict's checks.
+  cfg.diffusion.sampler = dict(cfg.diffusion.sampler.to_dict(), **{key: value})
+  e = error(cfg)
+  assert e.key == f"diffusion.sampler.{key}" and fragment in str(e)
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "heun"])
+def test_every_method_passes(cfg, method):
+  cfg.diffusion.sampler.method = method
+  validate(cfg, "sample")
+
+
+def test_unknown_sampler_option(cfg):
+  cfg.diffusion.sampler.etta = 0.5
+  e = error(cfg)
+  assert e.key == "diffusion.sampler.etta" and "Did you mean 'eta'?" in str(e)
+
+
+def test_churn_window_must_be_ordered(cfg):
+  cfg.diffusion.sampler.update(s_tmin=2.0, s_tmax=1.0)
+  e = error(cfg)
+  assert e.key == "diffusion.sampler.s_tmin" and "s_tmax" in str(e)
+
+
+# eval --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value", [
+    ("num_samples", 1), ("num_samples", 0), ("num_projections", 0), ("seed", "zero"),
+])
+def test_eval(cfg, key, value):
+  cfg.eval = dict(cfg.eval.to_dict(), **{key: value})
+  assert error(cfg).key == f"eval.{key}"
+
+
+def test_kinds_table():
+  # Every kind lists modes launch.py knows and at least one check.
+  for kind in config_checks.KINDS.values():
+    assert set(kind.modes) <= {"train", "sample", "eval", "precompute"} and kind.checks
