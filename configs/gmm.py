@@ -43,7 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # command line with --config.diffusion.schedule_kw="{'logsnr_min': -20.0}".
       schedule_kw=ml_collections.ConfigDict(),
       sampler=dict(
-          method="dpmpp_2m", steps=20, grid="t", rho=7.0,
+          # DPM-Solver++ wants steps uniform in log-SNR: on the cosine schedule's own t
+          # spacing its first and last steps are too long (benchmarks/results/samplers.md).
+          method="dpmpp_2m", steps=20, grid="logsnr", rho=7.0,
           # Method options, passed only to the methods that take them (METHOD_KWARGS).
           eta=0.0,                                                  # ddim
           s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,  # heun

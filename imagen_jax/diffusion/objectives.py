@@ -26,12 +26,12 @@ The effective weighting over lambda is w(lambda) p(lambda) (`implied_weighting`)
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.diffusion.registry import lookup
 from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, logsnr_density
 
 Array = jax.Array
@@ -148,12 +148,7 @@ WEIGHTINGS: dict[str, Callable[..., Array]] = {
 
 def get_weighting(name: str, **kw) -> Callable[[Array], Array]:
   """w(lambda) by name, e.g. `get_weighting("min_snr", gamma=5.0)`."""
-  if name not in WEIGHTINGS:
-    hint = difflib.get_close_matches(name, WEIGHTINGS, n=1)
-    raise ValueError(
-        f"Unknown loss weighting {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        + f"; choose one of {sorted(WEIGHTINGS)}.")
-  fn = WEIGHTINGS[name]
+  fn = lookup(WEIGHTINGS, name, "loss weighting")
   try:
     fn(jnp.zeros(()), **kw)
   except TypeError as e:

@@ -33,6 +33,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.diffusion.registry import lookup
 from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, logsnr_grid
 
 Array = jax.Array
@@ -191,8 +192,7 @@ def sample(denoise_fn: DenoiseFn, schedule: Schedule, rng: Array, shape: tuple[i
   Returns:
     SampleOutput(x, nfe).
   """
-  if method not in METHODS:
-    raise ValueError(f"Unknown sampler {method!r}; choose one of {sorted(METHODS)}.")
+  run = lookup(METHODS, method, "sampler")
   unknown = set(kw) - set(METHOD_KWARGS[method])
   if unknown:
     raise ValueError(f"Sampler {method!r} takes options {METHOD_KWARGS[method]}; "
@@ -201,5 +201,5 @@ def sample(denoise_fn: DenoiseFn, schedule: Schedule, rng: Array, shape: tuple[i
   levels = jnp.concatenate([levels.astype(jnp.float32), jnp.array([jnp.inf], jnp.float32)])
   rng, key = jax.random.split(rng)
   x = jax.random.normal(key, shape, jnp.float32) if x_init is None else x_init
-  x, _, nfe = METHODS[method](denoise_fn, levels, x, rng, **kw)
+  x, _, nfe = run(denoise_fn, levels, x, rng, **kw)
   return SampleOutput(x, nfe)

@@ -25,7 +25,6 @@ into the training distributions of Hang et al. (2024) and EDM (Karras et al. 202
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import math
 from typing import Callable
@@ -33,6 +32,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri, ndtr
+
+from imagen_jax.diffusion.registry import lookup
 
 Array = jax.Array
 
@@ -329,12 +330,7 @@ def get_schedule(name: str, **kw) -> Schedule:
 
   Raises ValueError naming the valid schedules or the valid keyword arguments.
   """
-  if name not in SCHEDULES:
-    hint = difflib.get_close_matches(name, SCHEDULES, n=1)
-    raise ValueError(
-        f"Unknown schedule {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        + f"; choose one of {sorted(SCHEDULES)}.")
-  cls = SCHEDULES[name]
+  cls = lookup(SCHEDULES, name, "schedule")
   fields = {f.name for f in dataclasses.fields(cls) if f.init}
   unknown = set(kw) - fields
   if unknown:
