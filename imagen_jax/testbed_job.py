@@ -63,10 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   out = jax.block_until_ready(compiled(sample_key))
   sample_s = time.perf_counter() - start
 
-  # Reference draws and distances in one jitted call too: run eagerly, their many small
-  # ops would each compile and take longer than the sampling.
-  measured = jax.jit(lambda x: _measure(gmm, x, data_key, data2_key, proj_key,
-                                        config.eval.num_projections))(out.x)
+  measured = _measure(gmm, out.x, data_key, data2_key, proj_key, config.eval.num_projections)
   data = measured.pop("data")
   measured = {k: float(v) for k, v in measured.items()}
   metrics = {
@@ -110,10 +107,13 @@ def _measure(gmm: testbed.GaussianMixture, x: jax.Array, data_key: jax.Array,
              data2_key: jax.Array, proj_key: jax.Array, num_projections: int) -> dict:
   """Distances of samples `x` to a data draw, and of a second, independent data draw of the
   same size to it (the noise floor: what exact sampling would score)."""
-  data, data2 = gmm.sample(data_key, x.shape[0]), gmm.sample(data2_key, x.shape[0])
+  # Jitted: run eagerly, the draws' and moments' many small ops would each compile.
+  draw = jax.jit(lambda key: gmm.sample(key, x.shape[0]))
+  moments = jax.jit(lambda a: testbed.moment_errors(a, gmm))
+  data, data2 = draw(data_key), draw(data2_key)
   sw = lambda a: testbed.sliced_wasserstein(a, data, proj_key, num_projections)
-  mean_err, cov_err = testbed.moment_errors(x, gmm)
-  floor_mean_err, floor_cov_err = testbed.moment_errors(data2, gmm)
+  mean_err, cov_err = moments(x)
+  floor_mean_err, floor_cov_err = moments(data2)
   return {"data": data, "sliced_w2": sw(x), "sliced_w2_noise_floor": sw(data2),
           "mean_err": mean_err, "cov_rel_err": cov_err,
           "mean_err_noise_floor": floor_mean_err, "cov_rel_err_noise_floor": floor_cov_err}

@@ -16,7 +16,9 @@ Methods (all one `lax.fori_loop`, so one compiled step whatever `steps` is):
   sigma = 0 returns x0_hat, as in k-diffusion.
 * "heun": EDM's 2nd-order Heun (Karras et al. 2022, Algorithm 2) in variance-exploding
   coordinates x / alpha, with optional churn (s_churn, s_tmin, s_tmax, s_noise); its step
-  to sigma = 0 is Euler, so NFE = 2 steps - 1.
+  to sigma = 0 is Euler, so NFE = 2 steps - 1. Its trapezoidal correction is unstable on
+  a first step from a very large sigma_e (cosine's lambda = -15 is sigma_e = 1800): use it
+  with EDM's sigma_max = 80 or enough steps.
 
 NFE (denoise_fn calls) is counted while sampling and returned with the samples. With
 classifier-free guidance each call runs the network on a doubled batch.
@@ -172,7 +174,7 @@ def steps_for_nfe(method: str, nfe: int) -> int:
 
 
 def sample(denoise_fn: DenoiseFn, schedule: Schedule, rng: Array, shape: tuple[int, ...], *,
-           method: str = "dpmpp_2m", steps: int = 50, grid: str = "t", rho: float = 7.0,
+           method: str = "dpmpp_2m", steps: int = 50, grid: str = "logsnr", rho: float = 7.0,
            x_init: Array | None = None, **kw) -> SampleOutput:
   """Draws samples by integrating from logsnr_min to clean data.
 
@@ -184,7 +186,10 @@ def sample(denoise_fn: DenoiseFn, schedule: Schedule, rng: Array, shape: tuple[i
     method: one of METHODS.
     steps: grid levels visited, each costing one denoiser call (heun: two, but one
       for the last).
-    grid: "t" (uniform in the schedule's t), "logsnr" (uniform in lambda) or "karras".
+    grid: "logsnr" (uniform in lambda, the default), "t" (uniform in the schedule's t)
+      or "karras". Multistep DPM-Solver++ wants smoothly varying steps: a schedule's own t
+      spacing can end in one very long step (cosine: lambda 3.5 -> 15 at 10 steps), where
+      its extrapolation overshoots; see benchmarks/results/samplers.md.
     rho: Karras grid exponent.
     x_init: optional starting point (else N(0, I), the VP marginal at logsnr_min).
     **kw: method options, e.g. eta for ddim, s_churn for heun.

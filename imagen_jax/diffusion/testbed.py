@@ -114,7 +114,7 @@ def random_mixture(dim: int = 64, num_modes: int = 4, seed: int = 0, mean_scale:
       eigvecs=jnp.asarray(eigvecs, jnp.float32))
 
 
-def sliced_wasserstein(x: Array, y: Array, rng: Array, num_projections: int = 256) -> Array:
+def sliced_wasserstein(x: Array, y: Array, rng: Array, num_projections: int = 256) -> float:
   """Sliced 2-Wasserstein distance between equal-sized sample sets [N, D].
 
   Projects both onto random unit directions, where W2 between the 1-D empirical
@@ -123,10 +123,12 @@ def sliced_wasserstein(x: Array, y: Array, rng: Array, num_projections: int = 25
   """
   if x.shape != y.shape:
     raise ValueError(f"sliced_wasserstein needs equal shapes, got {x.shape} and {y.shape}.")
-  dirs = jax.random.normal(rng, (x.shape[1], num_projections))
-  dirs = dirs / jnp.linalg.norm(dirs, axis=0, keepdims=True)
-  px, py = jnp.sort(x @ dirs, axis=0), jnp.sort(y @ dirs, axis=0)
-  return jnp.sqrt(jnp.mean(jnp.square(px - py)))
+  dirs = np.asarray(jax.random.normal(rng, (x.shape[1], num_projections)), np.float64)
+  dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
+  # On the host: an evaluation metric, and NumPy sorts ~10x faster than XLA:CPU here.
+  px = np.sort(np.asarray(x, np.float64) @ dirs, axis=0)
+  py = np.sort(np.asarray(y, np.float64) @ dirs, axis=0)
+  return float(np.sqrt(np.mean(np.square(px - py))))
 
 
 def moment_errors(x: Array, gmm: GaussianMixture) -> tuple[Array, Array]:
