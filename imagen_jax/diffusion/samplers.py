@@ -89,7 +89,11 @@ def _dpmpp(denoise_fn, grid, x, rng, *, order: int):
     h = 0.5 * (l_t - l_s)                     # half log-SNR: DPM-Solver's lambda
     h0 = 0.5 * (l_s - grid[jnp.maximum(i - 1, 0)])
     h1 = 0.5 * (grid[jnp.maximum(i - 1, 0)] - grid[jnp.maximum(i - 2, 0)])
-    r0, r1 = h0 / h, h1 / h
+    # Step ratios; set to 1 where a history step is missing or h is infinite (those
+    # branches are not selected below) so no inf/NaN is formed, e.g. under jax.grad.
+    usable = jnp.isfinite(h)
+    r0 = jnp.where(usable & (h0 > 0), h0 / h, 1.0)
+    r1 = jnp.where(usable & (h1 > 0), h1 / h, 1.0)
     d1_0 = (m0 - m1) / r0
     d1_1 = (m1 - m2) / r1
     # Lu et al.'s multistep updates with phi_1 = 1 - e^-h (their -expm1(-h)).
