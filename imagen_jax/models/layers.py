@@ -1,0 +1,235 @@
+"""Shared layers of the base U-Net and the Efficient U-Net (Flax NNX).
+
+Every parameter carries logical axis names (Variable metadata `out_sharding`); the trainer maps
+them to mesh axes with the rules in its config. Names used here:
+
+  conv kernels    (None, None, "conv_in", "conv_out")
+  dense kernels   ("embed", "mlp") for feature -> feature maps
+  attention       ("embed", "heads") for q/k/v projections, ("heads", "embed") for output
+  biases/scales   the name of the axis they run along
+
+Parameters are float32; `dtype` is the compute dtype (float32 or bfloat16). Conditioning
+(log-SNR, pooled text, SR augmentation level) is one vector per example, `cond` [B, C],
+applied in every residual block as a scale and shift after the second GroupNorm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Dtype = Any
+
+# Logical names are metadata until a mesh exists; creating variables must not try to
+# shard them eagerly (the trainer shards the whole state from abstract shapes instead).
+nnx.use_eager_sharding(False)
+
+
+def _names(*names):
+  return {"out_sharding": tuple(names)}
+
+
+def conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, *, dtype: Dtype, stride: int = 1,
+         zero: bool = False) -> nnx.Conv:
+  """A k x k convolution with logical names; `zero` initialises it to output 0 (so a
+  residual branch starts as the identity)."""
+  init = nnx.initializers.zeros_init() if zero else nnx.initializers.variance_scaling(
+      1.0, "fan_avg", "uniform")
+  return nnx.Conv(cin, cout, (k, k), strides=stride, padding="SAME", dtype=dtype,
+                  kernel_init=init, rngs=rngs,
+                  kernel_metadata=_names(None, None, "conv_in", "conv_out"),
+                  bias_metadata=_names("conv_out"))
+
+
+def dense(cin: int, cout: int, rngs: nnx.Rngs, *, dtype: Dtype, names=("embed", "mlp"),
+          zero: bool = False, use_bias: bool = True) -> nnx.Linear:
+  init = nnx.initializers.zeros_init() if zero else nnx.initializers.lecun_normal()
+  return nnx.Linear(cin, cout, dtype=dtype, kernel_init=init, use_bias=use_bias, rngs=rngs,
+                    kernel_metadata=_names(*names), bias_metadata=_names(names[1]))
+
+
+def group_norm(ch: int, rngs: nnx.Rngs, *, dtype: Dtype, groups: int = 32) -> nnx.GroupNorm:
+  # Statistics in float32 whatever the compute dtype (bf16 variance is too coarse).
+  return nnx.GroupNorm(ch, num_groups=math.gcd(groups, ch), dtype=jnp.float32, rngs=rngs,
+                       scale_metadata=_names("conv_out"), bias_metadata=_names("conv_out"))
+
+
+def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, dtype=jnp.float32, rngs=rngs,
+                       scale_metadata=_names("embed"), bias_metadata=_names("embed"))
+
+
+def logsnr_embedding(logsnr: Array, dim: int, max_period: float = 10_000.0) -> Array:
+  """Sinusoidal features of log-SNR [B] -> [B, dim].
+
+  lambda spans about [-20, 20]; it is scaled by 1/40 into [-0.5, 0.5] x 1000 so the
+  frequencies cover the same range a 1000-step index embedding would.
+  """
+  x = jnp.asarray(logsnr, jnp.float32) * (1000.0 / 40.0)
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = x[:, None] * freqs[None]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class CondMLP(nnx.Module):
+  """Sinusoidal log-SNR features -> MLP -> conditioning vector [B, cond_dim]."""
+
+  def __init__(self, feat_dim: int, cond_dim: int, rngs: nnx.Rngs, *, dtype: Dtype):
+    self.feat_dim = feat_dim
+    self.fc1 = dense(feat_dim, cond_dim, rngs, dtype=dtype)
+    self.fc2 = dense(cond_dim, cond_dim, rngs, dtype=dtype, names=("mlp", "embed"))
+
+  def __call__(self, logsnr: Array) -> Array:
+    return self.fc2(jax.nn.silu(self.fc1(logsnr_embedding(logsnr, self.feat_dim))))
+
+
+class ResBlock(nnx.Module):
+  """GroupNorm-SiLU-conv, then GroupNorm with scale/shift from `cond`, SiLU, dropout, conv.
+
+  The last conv starts at zero, so a fresh block is the (projected) identity; the output
+  is multiplied by `skip_scale` (Efficient U-Net: 1/sqrt(2)).
+  """
+
+  def __init__(self, cin: int, cout: int, cond_dim: int, rngs: nnx.Rngs, *, dtype: Dtype,
+               dropout: float = 0.0, skip_scale: float = 1.0, groups: int = 32):
+    self.norm1 = group_norm(cin, rngs, dtype=dtype, groups=groups)
+    self.conv1 = conv(cin, cout, 3, rngs, dtype=dtype)
+    self.cond = dense(cond_dim, 2 * cout, rngs, dtype=dtype, names=("embed", "mlp"))
+    self.norm2 = group_norm(cout, rngs, dtype=dtype, groups=groups)
+    self.drop = nnx.Dropout(dropout, rngs=rngs)
+    self.conv2 = conv(cout, cout, 3, rngs, dtype=dtype, zero=True)
+    self.skip = conv(cin, cout, 1, rngs, dtype=dtype) if cin != cout else None
+    self.skip_scale = skip_scale
+    self.dtype = dtype
+
+  def __call__(self, x: Array, cond: Array) -> Array:
+    h = self.conv1(jax.nn.silu(self.norm1(x)).astype(self.dtype))
+    scale, shift = jnp.split(self.cond(jax.nn.silu(cond))[:, None, None, :], 2, axis=-1)
+    h = self.norm2(h) * (1.0 + scale) + shift
+    h = self.conv2(self.drop(jax.nn.silu(h).astype(self.dtype)))
+    skip = self.skip(x) if self.skip is not None else x
+    return ((h + skip) * self.skip_scale).astype(self.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
+              implementation: str | None = None) -> Array:
+  """Multi-head attention on [B, T, H, D] tensors; mask [B, S] (True = attend).
+
+  implementation: None lets `jax.nn.dot_product_attention` pick (cuDNN's fused kernel on
+  GPUs where it applies), "xla" forces its XLA path, "plain" is an explicit softmax
+  reference kept for testing and for backends without the fused op.
+  """
+  if implementation == "plain":
+    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    if mask is not None:
+      logits = jnp.where(mask[:, None, None, :], logits, -1e30)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits, -1).astype(v.dtype), v)
+  bias_mask = None if mask is None else mask[:, None, None, :]
+  return jax.nn.dot_product_attention(q, k, v, mask=bias_mask, implementation=implementation)
+
+
+class Attention(nnx.Module):
+  """Self-attention over pixels, optionally also attending to text tokens.
+
+  With `text_dim`, keys/values are the pixels' own plus the text tokens' (Imagen's
+  combined self/cross attention) plus one learned null token, so an example whose text
+  is entirely masked (dropped for classifier-free guidance) still has keys to attend to.
+  With `self_attend=False` only text (and the null token) is attended: cross-attention.
+  """
+
+  def __init__(self, ch: int, rngs: nnx.Rngs, *, dtype: Dtype, head_dim: int = 64,
+               text_dim: int | None = None, self_attend: bool = True,
+               implementation: str | None = None):
+    self.heads = max(ch // head_dim, 1)
+    self.head_dim = ch // self.heads
+    self.norm = group_norm(ch, rngs, dtype=dtype)
+    self.q = dense(ch, ch, rngs, dtype=dtype, names=("embed", "heads"), use_bias=False)
+    self.kv = dense(ch, 2 * ch, rngs, dtype=dtype, names=("embed", "heads"), use_bias=False) \
+        if self_attend else None
+    if text_dim is not None:
+      self.text_norm = layer_norm(text_dim, rngs)
+      self.text_kv = dense(text_dim, 2 * ch, rngs, dtype=dtype, names=("embed", "heads"),
+                           use_bias=False)
+      self.null_kv = nnx.Param(jax.random.normal(rngs.params(), (2, ch)) * 0.02,
+                               out_sharding=(None, "heads"))
+    else:
+      self.text_kv = None
+    self.out = dense(ch, ch, rngs, dtype=dtype, names=("heads", "embed"), zero=True)
+    self.dtype, self.implementation = dtype, implementation
+
+  def __call__(self, x: Array, text: Array | None = None, text_mask: Array | None = None) -> Array:
+    b, hgt, wid, ch = x.shape
+    h = self.norm(x).astype(self.dtype).reshape(b, hgt * wid, ch)
+    split = lambda t: t.reshape(b, t.shape[1], self.heads, self.head_dim)
+    q = split(self.q(h))
+    keys, values, masks = [], [], []
+    if self.kv is not None:
+      k, v = jnp.split(self.kv(h), 2, axis=-1)
+      keys.append(k), values.append(v), masks.append(jnp.ones((b, hgt * wid), bool))
+    if self.text_kv is not None:
+      if text is None:
+        raise ValueError("this attention layer was built with text_dim: pass text tokens.")
+      k, v = jnp.split(self.text_kv(self.text_norm(text).astype(self.dtype)), 2, axis=-1)
+      null = jnp.broadcast_to(self.null_kv[...].astype(self.dtype)[:, None, None, :], (2, b, 1, ch))
+      keys += [k, null[0]]
+      values += [v, null[1]]
+      masks += [text_mask if text_mask is not None else jnp.ones(text.shape[:2], bool),
+                jnp.ones((b, 1), bool)]
+    k, v = split(jnp.concatenate(keys, 1)), split(jnp.concatenate(values, 1))
+    out = attention(q, k, v, jnp.concatenate(masks, 1), implementation=self.implementation)
+    return x + self.out(out.reshape(b, hgt * wid, ch)).reshape(x.shape).astype(x.dtype)
+
+
+class AttentionPool(nnx.Module):
+  """Pools text tokens [B, L, D] into one vector [B, out_dim] with a learned query,
+  respecting the mask (plus a learned null token for fully masked text)."""
+
+  def __init__(self, text_dim: int, out_dim: int, rngs: nnx.Rngs, *, dtype: Dtype,
+               heads: int = 8):
+    self.heads = heads if text_dim % heads == 0 else 1
+    self.norm = layer_norm(text_dim, rngs)
+    self.query = nnx.Param(jax.random.normal(rngs.params(), (1, 1, text_dim)) * 0.02,
+                           out_sharding=(None, None, "embed"))
+    self.null = nnx.Param(jnp.zeros((1, 1, text_dim)), out_sharding=(None, None, "embed"))
+    self.kv = dense(text_dim, 2 * text_dim, rngs, dtype=dtype, names=("embed", "heads"))
+    self.proj = dense(text_dim, out_dim, rngs, dtype=dtype, names=("embed", "mlp"))
+    self.dtype = dtype
+
+  def __call__(self, text: Array, mask: Array) -> Array:
+    b, _, d = text.shape
+    tokens = jnp.concatenate([jnp.broadcast_to(self.null[...], (b, 1, d)),
+                              self.norm(text)], 1).astype(self.dtype)
+    mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], 1)
+    k, v = jnp.split(self.kv(tokens), 2, axis=-1)
+    split = lambda t: t.reshape(b, t.shape[1], self.heads, d // self.heads)
+    q = jnp.broadcast_to(self.query[...].astype(self.dtype), (b, 1, d))
+    pooled = attention(split(q), split(k), split(v), mask, implementation="plain")
+    return self.proj(pooled.reshape(b, d))
+
+
+class Downsample(nnx.Module):
+  """Halves the resolution with a stride-2 3x3 convolution."""
+
+  def __init__(self, cin: int, cout: int, rngs: nnx.Rngs, *, dtype: Dtype):
+    self.conv = conv(cin, cout, 3, rngs, dtype=dtype, stride=2)
+
+  def __call__(self, x: Array) -> Array:
+    return self.conv(x)
+
+
+class Upsample(nnx.Module):
+  """Doubles the resolution: nearest-neighbour upsampling, then a 3x3 convolution."""
+
+  def __init__(self, cin: int, cout: int, rngs: nnx.Rngs, *, dtype: Dtype):
+    self.conv = conv(cin, cout, 3, rngs, dtype=dtype)
+
+  def __call__(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    return self.conv(x)
