@@ -182,3 +182,32 @@ def test_kinds_table():
   # Every kind lists modes launch.py knows and at least one check.
   for kind in config_checks.KINDS.values():
     assert set(kind.modes) <= {"train", "sample", "eval", "precompute"} and kind.checks
+
+
+# Network configs (base64, sr256, sr1024) -------------------------------------------------
+
+NETWORK_CONFIGS = [(name, variant) for name, variants in
+                   (("base64", ("smoke", "emoji", "500m", "2b")),
+                    ("sr256", ("smoke", "emoji", "600m")),
+                    ("sr1024", ("smoke", "emoji", "400m"))) for variant in variants]
+
+
+@pytest.mark.parametrize("name,variant", NETWORK_CONFIGS)
+def test_network_configs_pass_their_checks(name, variant):
+  cfg = load_config(name, variant)
+  config_checks.check_model(cfg, "train")
+  # No mode runs them yet: the message says so instead of failing later.
+  with pytest.raises(ConfigError, match="cannot run yet"):
+    validate(cfg, "train")
+
+
+def test_network_config_with_unknown_model_key_is_rejected():
+  cfg = load_config("base64", "smoke")
+  with cfg.unlocked():
+    cfg.model.chanels = 8
+  with pytest.raises(ConfigError, match="chanels"):
+    config_checks.check_model(cfg, "train")
+  cfg = load_config("sr256", "smoke")
+  cfg.model.name = "vit"
+  with pytest.raises(ConfigError, match="Did you mean|Allowed"):
+    config_checks.check_model(cfg, "train")
