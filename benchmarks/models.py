@@ -1,0 +1,156 @@
+r"""Parameters, FLOPs per image and CPU step times of every network config.
+
+  python benchmarks/models.py              # every config; paper scale shape-only
+  python benchmarks/models.py --only smoke,emoji
+
+For each config variant: the parameter count (from `nnx.eval_shape`, no memory), FLOPs
+per image of a forward pass and of a train step (forward + backward of an eps-MSE loss),
+both from XLA's cost analysis of the jitted function lowered on abstract shapes (so the
+2B model costs no memory), and, for the configs small enough for this machine, the
+measured forward and train-step time at a small batch. Writes
+benchmarks/results/models.{md,csv} and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from imagen_jax.models import build_model, count_params, example_inputs
+
+# (config file, variant, batch for timing or None for shape-only). Timed at batch 2 on
+# CPU; paper-scale configs are only measured abstractly.
+RUNS = (
+    ("configs/base64.py", "smoke", 2), ("configs/base64.py", "emoji", 2),
+    ("configs/base64.py", "500m", None), ("configs/base64.py", "2b", None),
+    ("configs/sr256.py", "smoke", 2), ("configs/sr256.py", "emoji", 2),
+    ("configs/sr256.py", "600m", None),
+    ("configs/sr1024.py", "smoke", 2), ("configs/sr1024.py", "emoji", 2),
+    ("configs/sr1024.py", "400m", None),
+)
+
+
+def load_config(path: str, variant: str):
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def sizes(config) -> tuple[int, int | None]:
+  """(resolution the network runs at in training, its low-res input size; None for the
+  base). SR stages may train on crops: a crop of the high-res image and the matching crop
+  of the low-res one."""
+  d = config.data
+  if config.kind == "base":
+    return d.resolution, None
+  res = d.crop or d.resolution
+  return res, res * d.low_resolution // d.resolution
+
+
+def _flops(lowered) -> float:
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+def measure(path: str, variant: str, batch: int | None) -> dict[str, Any]:
+  config = load_config(path, variant)
+  res, low = sizes(config)
+  abstract = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  n_params = count_params(params)
+  b = batch or 1
+  inputs = example_inputs(config.model, b, res, config.data.max_text_len, lowres=low)
+  abs_inputs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs)
+
+  def forward(params, rest, *args):
+    return nnx.merge(graphdef, params, rest)(*args)
+
+  def train_step(params, rest, opt_state, *args):
+    # nnx.grad, not jax.grad: dropout advances RNG counters stored in the module, which
+    # NNX's transforms carry across the differentiation trace.
+    model = nnx.merge(graphdef, params, rest)
+    g = nnx.grad(lambda m: jnp.mean(jnp.square(m(*args) - args[0])))(model)
+    updates, opt_state = opt.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt = optax.adamw(1e-4)
+  fwd, step = jax.jit(forward), jax.jit(train_step)
+  abs_opt = jax.eval_shape(opt.init, params)
+  row = {"config": f"{os.path.basename(path)}:{variant}", "params": n_params,
+         "resolution": res,
+         "fwd_gflops_per_image": _flops(fwd.lower(params, rest, *abs_inputs)) / b / 1e9,
+         "train_gflops_per_image": _flops(step.lower(params, rest, abs_opt, *abs_inputs)) / b / 1e9}
+  if batch:
+    model = build_model(config.model, nnx.Rngs(0))
+    _, p, r = nnx.split(model, nnx.Param, ...)
+    o = opt.init(p)
+    row["fwd_ms"] = _time(lambda: fwd(p, r, *inputs))
+    row["train_ms"] = _time(lambda: step(p, r, o, *inputs))
+    row["batch"] = batch
+  return row
+
+
+def _time(fn, reps: int = 3) -> float:
+  jax.block_until_ready(fn())  # compile
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    jax.block_until_ready(fn())
+  return (time.perf_counter() - t0) / reps * 1000
+
+
+def write(rows, out_dir: str) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  fields = ["config", "params", "resolution", "fwd_gflops_per_image", "train_gflops_per_image",
+            "batch", "fwd_ms", "train_ms"]
+  with open(os.path.join(out_dir, "models.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    w.writerows([{k: r.get(k, "") for k in fields} for r in rows])
+  fmt = lambda v, p: "" if v is None else (f"{v:,.{p}f}" if isinstance(v, float) else f"{v:,}")
+  lines = ["| config | params | resolution | fwd GFLOP/img | train GFLOP/img | CPU fwd ms (batch) | CPU train ms (batch) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in rows:
+    bt = f" ({r['batch']})" if r.get("batch") else ""
+    lines.append(f"| {r['config']} | {r['params']:,} | {r['resolution']} | "
+                 f"{fmt(r['fwd_gflops_per_image'], 2)} | {fmt(r['train_gflops_per_image'], 2)} | "
+                 f"{fmt(r.get('fwd_ms'), 0)}{bt} | {fmt(r.get('train_ms'), 0)}{bt} |")
+  table = "\n".join(lines)
+  with open(os.path.join(out_dir, "models.md"), "w") as f:
+    f.write("# Network sizes and costs\n\nProduced by `python benchmarks/models.py` "
+            f"(jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores). "
+            "FLOPs from XLA's cost analysis at each config's max_text_len; a train step is "
+            "forward + backward + AdamW. SR networks are costed at their training crop.\n\n"
+            + table + "\n")
+  return table
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+  p.add_argument("--only", default=None, help="comma-separated variants to run")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  args = p.parse_args()
+  only = set(args.only.split(",")) if args.only else None
+  rows = []
+  for path, variant, batch in RUNS:
+    if only and variant not in only:
+      continue
+    t0 = time.perf_counter()
+    rows.append(measure(path, variant, batch))
+    print(f"{path}:{variant}: {rows[-1]['params']:,} params ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
+  print(write(rows, args.out))
+
+
+if __name__ == "__main__":
+  main()
