@@ -70,7 +70,7 @@ class EfficientUNetConfig:
   head_dim: int = 64
   dropout: float = 0.0
   dtype: str = "float32"  # compute dtype; params are always float32
-  remat: bool = False     # nnx.remat around every ResBlock and attention layer
+  remat: bool = False     # layers.maybe_remat around every ResBlock and attention layer
   attention_impl: str | None = None  # None | "xla" | "plain" (see layers.attention)
 
   def __post_init__(self):
@@ -120,30 +120,6 @@ class EfficientUNetConfig:
     return 2 ** (len(self.channel_mult) - 1)
 
 
-def _call(remat: bool, stateful: bool, layer: nnx.Module, *args):
-  """layer(*args), optionally rematerialised.
-
-  Rematerialisation recomputes the layer's activations in the backward pass instead of
-  storing them: the memory of a 1024^2 stage is dominated by full-resolution ones. It is
-  jax.checkpoint on an explicit split/merge. Only with dropout (`stateful`) is the RNG
-  state written back, so dropout keys advance as without remat; otherwise nothing is
-  written, which keeps the module usable under a plain `jax.grad` of a merged module,
-  where writing to variables of the enclosing trace is an error.
-  """
-  if not remat:
-    return layer(*args)
-  graphdef, state = nnx.split(layer)
-
-  def run(state, *args):
-    m = nnx.merge(graphdef, state)
-    return m(*args), (nnx.state(m, nnx.RngState) if stateful else None)
-
-  out, rng_state = jax.checkpoint(run)(state, *args)
-  if stateful:
-    nnx.update(layer, rng_state)
-  return out
-
-
 class _Level(nnx.Module):
   """One level of one path: [Downsample] -> ResBlocks -> [attention] -> [Upsample]."""
 
@@ -172,9 +148,9 @@ class _Level(nnx.Module):
     if self.down is not None:
       h = self.down(h)
     for blk in self.blocks:
-      h = _call(self.remat, self.stateful, blk, h, cond)
+      h = L.maybe_remat(self.remat, self.stateful, blk, h, cond)
     if self.attn is not None:
-      h = _call(self.remat, False, self.attn, h, text, text_mask)
+      h = L.maybe_remat(self.remat, False, self.attn, h, text, text_mask)
     if self.up is not None:
       h = self.up(h)
     return h

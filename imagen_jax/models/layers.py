@@ -233,3 +233,27 @@ class Upsample(nnx.Module):
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
     return self.conv(x)
+
+
+def maybe_remat(remat: bool, stateful: bool, layer: nnx.Module, *args: Array) -> Array:
+  """layer(*args), optionally rematerialised.
+
+  Rematerialisation recomputes the layer's activations in the backward pass instead of
+  storing them: the memory of a 1024^2 stage is dominated by full-resolution ones. It is
+  jax.checkpoint on an explicit split/merge. Only with dropout (`stateful`) is the RNG
+  state written back, so dropout keys advance as without remat; otherwise nothing is
+  written, which keeps the module usable under a plain `jax.grad` of a merged module,
+  where writing to variables of the enclosing trace is an error.
+  """
+  if not remat:
+    return layer(*args)
+  graphdef, state = nnx.split(layer)
+
+  def run(state, *args):
+    m = nnx.merge(graphdef, state)
+    return m(*args), (nnx.state(m, nnx.RngState) if stateful else None)
+
+  out, rng_state = jax.checkpoint(run)(state, *args)
+  if stateful:
+    nnx.update(layer, rng_state)
+  return out

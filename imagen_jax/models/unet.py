@@ -154,13 +154,9 @@ class UNet(nnx.Module):
     self.conv_out = layers.conv(cur, cfg.out_channels, 3, rngs, dtype=dt, zero=True)
 
   def _run(self, block: nnx.Module, *args: Array) -> Array:
-    # Recompute the block's activations in the backward pass. nnx.remat writes the
-    # block's state (dropout RNG counts) back, so differentiate with nnx.grad or
-    # nnx.value_and_grad: flax 0.12.8 rejects that write (TraceContextError) in a module
-    # merged inside plain jax.grad (so does any dropout with rate > 0).
-    if self.cfg.remat:
-      return nnx.remat(lambda m, *a: m(*a))(block, *args)
-    return block(*args)
+    # Only ResBlocks hold dropout RNG state; see layers.maybe_remat.
+    stateful = self.cfg.dropout > 0 and isinstance(block, layers.ResBlock)
+    return layers.maybe_remat(self.cfg.remat, stateful, block, *args)
 
   def __call__(self, x: Array, logsnr: Array, text: Array, text_mask: Array) -> Array:
     tm = text_mask.astype(bool)
