@@ -15,10 +15,11 @@ install: $(STAMP)
 
 # Reinstalls when the pins change. `pip install -e .` makes `imagen_jax` importable from
 # anywhere (scripts, benchmarks, subprocess tests).
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
