@@ -1,0 +1,83 @@
+"""`TextEncoder`: a tokenizer and a frozen network behind one `encode(texts)` call.
+
+The network (T5 or BERT) is split into graph and state once and applied through one
+`jax.jit`; captions go through in fixed-size batches (the last one padded with empty rows)
+so a run compiles once whatever the number of captions. With a mesh, the weights are
+placed by their logical axis names (FSDP for T5-XXL) and each batch is split over the
+mesh's data axes.
+
+Outputs are zero at padding positions: the U-Net masks them anyway, and zeros make the
+embedding cache and equality tests independent of what a model computes for pads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from imagen_jax import sharding
+from imagen_jax.text.tokenize import Tokenizer, Tokens
+
+
+class TextEncoder:
+  """encode(list[str]) -> (embeddings [B, max_len, dim] float32, mask [B, max_len] bool)."""
+
+  def __init__(self, spec: str, tokenizer: Tokenizer, model: nnx.Module, *, max_len: int,
+               dim: int, dtype: str = "float32", batch_size: int = 64,
+               mesh: jax.sharding.Mesh | None = None,
+               rules: Sequence[tuple[str, str | None]] = sharding.DEFAULT_RULES):
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be >= 1.")
+    self.spec, self.tokenizer, self.max_len, self.dim = spec, tokenizer, int(max_len), int(dim)
+    self.dtype, self.mesh = dtype, mesh
+    graphdef, state = nnx.split(model)
+    if mesh is not None:
+      data_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+      # Batches must split evenly over the data axes.
+      per = int(np.prod([mesh.shape[a] for a in data_axes])) if data_axes else 1
+      batch_size = -(-batch_size // per) * per
+      state = sharding.shard_state(state, mesh, rules)
+      self._batch_sharding = jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(data_axes or None))
+    else:
+      self._batch_sharding = None
+    self.batch_size = batch_size
+    self._state = state
+
+    def apply(state, ids, mask):
+      emb = nnx.merge(graphdef, state)(ids, mask)
+      return jnp.where(mask[..., None], emb.astype(jnp.float32), 0.0)
+    self._apply = jax.jit(apply)
+
+  def describe(self) -> dict[str, Any]:
+    """What determines the embeddings; the cache stores it and refuses a different one."""
+    return {"spec": self.spec, "max_len": self.max_len, "dim": self.dim, "dtype": self.dtype,
+            "tokenizer": type(self.tokenizer).__name__}
+
+  def tokenize(self, texts: Sequence[str]) -> Tokens:
+    return self.tokenizer(texts, self.max_len)
+
+  def encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Embeddings [B, L, dim] float32 of already tokenized ids [B, L] and mask [B, L]."""
+    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
+    out = np.zeros(ids.shape + (self.dim,), np.float32)
+    bs = self.batch_size
+    for start in range(0, len(ids), bs):
+      n = min(bs, len(ids) - start)
+      b_ids = np.zeros((bs, ids.shape[1]), np.int32)
+      b_mask = np.zeros((bs, ids.shape[1]), bool)
+      b_ids[:n], b_mask[:n] = ids[start:start + n], mask[start:start + n]
+      if self._batch_sharding is not None:
+        b_ids = jax.device_put(b_ids, self._batch_sharding)
+        b_mask = jax.device_put(b_mask, self._batch_sharding)
+      out[start:start + n] = np.asarray(self._apply(self._state, b_ids, b_mask))[:n]
+    return out
+
+  def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize and encode captions: (embeddings [B, max_len, dim] float32, mask [B, max_len])."""
+    tokens = self.tokenize(texts)
+    return self.encode_tokens(tokens.ids, tokens.mask), tokens.mask
