@@ -4,11 +4,14 @@ r"""Runs one experiment: a config, a workdir and a mode.
       [--config.KEY=VALUE ...]
 
 MODE is train, sample, eval or precompute; each config kind supports some of them
-(configs/gmm.py, the analytic testbed: sample). Examples:
+(configs/gmm.py, the analytic testbed: sample; the network configs base64/sr256/sr1024:
+precompute, which fills the text-embedding cache). Examples:
 
   python launch.py --config=configs/gmm.py:ring --workdir=/tmp/gmm --mode=sample
   python launch.py --config=configs/gmm.py:64d --workdir=/tmp/gmm64 --mode=sample \
       --config.diffusion.sampler.method=heun --config.diffusion.sampler.steps=18
+  python launch.py --config=configs/base64.py:emoji --workdir=/tmp/base64 --mode=precompute \
+      --config.data.captions_file=captions.txt
 
 Overrides can only set keys the config already has (configs are locked); a dict-valued
 key is replaced whole: --config.diffusion.schedule_kw="{'logsnr_min': -20.0}".
@@ -33,7 +36,9 @@ from ml_collections import config_flags
 MODES = ("train", "sample", "eval", "precompute")
 # (config kind, mode) -> "module:function", called as function(config, workdir). Modules
 # are imported only after the config is validated, so a typo fails before JAX compiles.
-JOBS = {("gmm", "sample"): "imagen_jax.testbed_job:run"}
+JOBS = {("gmm", "sample"): "imagen_jax.testbed_job:run",
+        ("base", "precompute"): "imagen_jax.precompute_job:run",
+        ("sr", "precompute"): "imagen_jax.precompute_job:run"}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/FILE.py[:VARIANT].",
@@ -62,8 +67,12 @@ def main(argv: list[str]) -> None:
   except config_checks.ConfigError as e:
     _fail(str(e))
 
+  from imagen_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   module, function = JOBS[(config.kind, mode)].split(":")
-  getattr(importlib.import_module(module), function)(config, workdir)
+  try:
+    getattr(importlib.import_module(module), function)(config, workdir)
+  except UserError as e:  # a bad input found while running: the message says the fix
+    _fail(str(e))
 
 
 # Flag parsing: absl's, with one-paragraph messages and exit status 2 for user errors. -----

@@ -46,13 +46,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # text_dim above must match the encoder's width (MiniLM 384, T5-XXL 4096).
   c.data = dict(resolution=64, text_encoder="minilm", max_text_len=64)
 
+  # Text encoding (imagen_jax.text): text_tokenizer overrides the checkpoint's tokenizer
+  # (required for t5x: specs); embedding_cache, when set, is read instead of encoding on
+  # the fly, and is where --mode=precompute writes (default WORKDIR/text_cache).
+  c.data.update(text_tokenizer="", text_dtype="float32", text_batch_size=64,
+                embedding_cache="", cache_dtype="float32", captions_file="")
+
   if variant == "smoke":
     c.model.update(image_size=16, channels=32, channel_mult=(1, 2), num_res_blocks=1,
                    attn_resolutions=(16, 8), text_dim=32, head_dim=16, dropout=0.0)
-    c.data.update(resolution=16, max_text_len=8)
+    c.data.update(resolution=16, max_text_len=8,
+                  text_encoder="random-t5:tiny")
   elif variant in ("500m", "2b"):
     c.model.update(text_dim=4096, attn_resolutions=(32, 16, 8), dtype="bfloat16", remat=True)
-    c.data.update(text_encoder="t5:/path/to/t5-v1_1-xxl", max_text_len=128)
+    c.data.update(text_encoder="t5:/path/to/t5-v1_1-xxl", max_text_len=128,
+                  text_dtype="bfloat16")
     if variant == "500m":
       c.model.update(channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=2)
     else:

@@ -59,14 +59,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(low_resolution=256, resolution=1024, crop=64, text_encoder="minilm",
                 max_text_len=64)
 
+  # Text encoding (imagen_jax.text): text_tokenizer overrides the checkpoint's tokenizer
+  # (required for t5x: specs); embedding_cache, when set, is read instead of encoding on
+  # the fly, and is where --mode=precompute writes (default WORKDIR/text_cache).
+  c.data.update(text_tokenizer="", text_dtype="float32", text_batch_size=64,
+                embedding_cache="", cache_dtype="float32", captions_file="")
+
   if variant == "smoke":
     c.model.update(channels=16, channel_mult=(1, 2), num_res_blocks=(1, 2),
                    cross_attn_levels=(1,), self_attn_levels=(), text_dim=32, cond_dim=32,
                    head_dim=16, dropout=0.0)
-    c.data.update(low_resolution=8, resolution=32, crop=None, max_text_len=8)
+    c.data.update(low_resolution=8, resolution=32, crop=None, max_text_len=8,
+                  text_encoder="random-t5:tiny")
   elif variant == "400m":
     c.model.update(channels=128, channel_mult=(1, 2, 4, 5, 5), num_res_blocks=(2, 4, 8, 8, 4),
                    cross_attn_levels=(4,), self_attn_levels=(), text_dim=4096,
                    cond_dim=1024, head_dim=64, dtype="bfloat16", remat=True)
-    c.data.update(crop=256, text_encoder="t5:/path/to/t5-v1_1-xxl", max_text_len=128)
+    c.data.update(crop=256, text_encoder="t5:/path/to/t5-v1_1-xxl", max_text_len=128,
+                  text_dtype="bfloat16")
   return c

@@ -188,6 +188,70 @@ def check_model(config: ml_collections.ConfigDict, mode: str) -> None:
                       fix="correct the model section of the config file") from e
 
 
+def _encoder_width(spec: str, tokenizer: str) -> int | None:
+  """The embedding width a text encoder spec gives, read without loading weights (None when
+  it cannot be known cheaply). Raises ConfigError for a spec that cannot load."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from imagen_jax import text  # pylint: disable=g-import-not-at-top
+  try:
+    kind, arg = text.parse_spec(spec)
+  except ValueError as e:
+    raise ConfigError("data.text_encoder", spec, str(e).rstrip("."),
+                      fix="pass e.g. --config.data.text_encoder=minilm") from e
+  if kind == "minilm":
+    return 384
+  if kind == "random-t5":
+    from imagen_jax.text import t5  # pylint: disable=g-import-not-at-top
+    if arg not in t5.T5_SIZES:
+      raise ConfigError("data.text_encoder", spec, "unknown random T5 size",
+                        allowed=[f"random-t5:{k}" for k in t5.T5_SIZES])
+    return t5.T5_SIZES[arg].d_model
+  if not os.path.isdir(arg):
+    raise ConfigError("data.text_encoder", spec, f"checkpoint directory {arg!r} does not exist",
+                      fix=f"pass --config.data.text_encoder={kind}:/path/to/your/checkpoint")
+  if kind == "t5x":
+    if not tokenizer:
+      raise ConfigError("data.text_tokenizer", tokenizer, "T5X checkpoints carry no tokenizer",
+                        fix="pass --config.data.text_tokenizer=/path/to/spiece.model")
+    return None
+  cfg_file = os.path.join(arg, "config.json")
+  try:
+    with open(cfg_file) as f:
+      hf = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError("data.text_encoder", spec, f"cannot read {cfg_file} ({e})",
+                      fix="point it at a Hugging Face checkpoint directory") from e
+  return hf.get("d_model", hf.get("hidden_size"))
+
+
+def check_text(config: ml_collections.ConfigDict, mode: str) -> None:
+  """data.text_*: a loadable encoder spec whose width is the network's text_dim, and (for
+  --mode=precompute) a caption file to encode."""
+  import os  # pylint: disable=g-import-not-at-top
+  positive_int(config, "data.max_text_len", minimum=2)
+  positive_int(config, "data.text_batch_size")
+  one_of(config, "data.text_dtype", ("float32", "bfloat16"))
+  one_of(config, "data.cache_dtype", ("float32", "float16", "bfloat16"))
+  tokenizer = get(config, "data.text_tokenizer")
+  if tokenizer and not os.path.isfile(tokenizer):
+    raise ConfigError("data.text_tokenizer", tokenizer, "no such file",
+                      fix="pass the path of a spiece.model or tokenizer.json, or '' for the "
+                          "checkpoint's own")
+  width = _encoder_width(get(config, "data.text_encoder"), tokenizer)
+  text_dim = get(config, "model.text_dim")
+  if width is not None and width != text_dim:
+    raise ConfigError("model.text_dim", text_dim,
+                      f"data.text_encoder={config.data.text_encoder!r} gives {width}-d "
+                      "embeddings", fix=f"pass --config.model.text_dim={width}")
+  if mode == "precompute":
+    captions = get(config, "data.captions_file")
+    if not captions or not os.path.isfile(captions):
+      raise ConfigError("data.captions_file", captions, "precompute needs a caption file",
+                        fix="pass --config.data.captions_file=/path/to/captions.txt (one "
+                            "caption per line)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
   """What a config `kind` can run (`modes`) and the checks its config must pass."""
@@ -203,11 +267,11 @@ KINDS: dict[str, Kind] = {
         checks=(check_gmm_data, check_schedule, check_sampler, check_eval_samples),
         why="the Gaussian-mixture testbed uses its exact denoiser, so there is no "
             "network to train, evaluate or precompute inputs for"),
-    # Network configs: their checks run now; their modes arrive with the trainer.
-    "base": Kind(modes=(), checks=(check_model,),
-                 why="the networks exist, the trainer that runs them is the next step"),
-    "sr": Kind(modes=(), checks=(check_model,),
-               why="the networks exist, the trainer that runs them is the next step"),
+    # Network configs: text precompute runs today; train/sample/eval arrive with the trainer.
+    "base": Kind(modes=("precompute",), checks=(check_model, check_text),
+                 why="the trainer that runs the networks is the next step"),
+    "sr": Kind(modes=("precompute",), checks=(check_model, check_text),
+               why="the trainer that runs the networks is the next step"),
 }
 
 

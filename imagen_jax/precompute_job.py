@@ -1,0 +1,69 @@
+"""`--mode=precompute`: encode every caption once into the embedding cache.
+
+  python launch.py --config=configs/base64.py:emoji --workdir=/tmp/base64 --mode=precompute \
+      --config.data.captions_file=captions.txt
+
+Reads captions (`data.captions_file`, one per line), encodes the ones the cache lacks with
+`data.text_encoder`, and adds them to the cache at `data.embedding_cache` (default:
+WORKDIR/text_cache). Training then reads embeddings from there when `data.embedding_cache`
+names it. Writes WORKDIR/precompute.json (what was encoded, how fast).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import ml_collections
+
+from imagen_jax import text
+from imagen_jax.text import cache
+
+
+def read_captions(path: str) -> list[str]:
+  """One caption per line (blank lines skipped), as written by the data builders."""
+  if not path:
+    raise FileNotFoundError(
+        "No captions to encode: data.captions_file is empty. Fix: pass "
+        "--config.data.captions_file=/path/to/captions.txt (one caption per line).")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"data.captions_file={path!r} does not exist; pass an existing "
+                            "text file with one caption per line.")
+  with open(path, encoding="utf-8") as f:
+    captions = [line.rstrip("\n") for line in f]
+  captions = [c for c in captions if c.strip()]
+  if not captions:
+    raise ValueError(f"data.captions_file={path!r} holds no captions.")
+  return captions
+
+
+def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.data.embedding_cache or os.path.join(workdir, "text_cache")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  data = config.data
+  os.makedirs(workdir, exist_ok=True)
+  captions = read_captions(data.captions_file)
+  start = time.perf_counter()
+  encoder = text.encoder_from_config(data)
+  load_s = time.perf_counter() - start
+  path = cache_dir(config, workdir)
+  start = time.perf_counter()
+  summary = cache.write(path, encoder, captions, dtype=data.cache_dtype)
+  encode_s = time.perf_counter() - start
+  summary.update(encoder=encoder.describe(), storage_dtype=data.cache_dtype,
+                 load_s=load_s, encode_s=encode_s,
+                 captions_per_s=summary["added"] / encode_s if summary["added"] else None,
+                 captions_file=data.captions_file)
+  with open(os.path.join(workdir, "precompute.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+    f.write("\n")
+  rate = f", {summary['captions_per_s']:.1f} captions/s" if summary["added"] else ""
+  print(f"embedding cache {path}: {summary['added']} caption(s) added "
+        f"({summary['tokens_added']} tokens), {summary['already_cached']} already cached, "
+        f"{summary['total']} in all; encoder {encoder.spec} (dim {encoder.dim}, max_len "
+        f"{encoder.max_len}){rate}")
+  return summary
