@@ -21,10 +21,11 @@ def test_round_trip_is_exact_in_float32(tiny, tmp_path):
   summary = cache.write(tmp_path / "c", tiny, CAPTIONS, rows_per_shard=100, progress=False)
   assert summary["added"] == len(CAPTIONS) and summary["total"] == len(CAPTIONS)
   c = cache.EmbeddingCache.open(tmp_path / "c", tiny)
+  # Encoded in the same batches as write() used, so bit for bit the same computation.
+  want, want_mask = tiny.encode(CAPTIONS)
   emb, mask = c.lookup(CAPTIONS[::-1])
-  want, want_mask = tiny.encode(CAPTIONS[::-1])
-  np.testing.assert_array_equal(mask, want_mask)
-  np.testing.assert_array_equal(emb, want)
+  np.testing.assert_array_equal(mask, want_mask[::-1])
+  np.testing.assert_array_equal(emb, want[::-1])
   # Only real tokens are stored, over several shards (rows_per_shard=100).
   meta = json.loads((tmp_path / "c" / "meta.json").read_text())
   assert meta["parts"][0]["tokens"] == int(want_mask.sum()) < want_mask.size
@@ -48,7 +49,8 @@ def test_rerun_adds_only_missing_captions(tiny, tmp_path):
   assert more["added"] == len(CAPTIONS) - 10 and more["total"] == len(CAPTIONS)
   assert sorted(p.name for p in path.iterdir() if p.is_dir()) == ["part-00000", "part-00001"]
   emb, _ = cache.EmbeddingCache.open(path).lookup(CAPTIONS)
-  np.testing.assert_array_equal(emb, tiny.encode(CAPTIONS)[0])
+  # Other batch compositions than write() used: equal up to float32 rounding.
+  np.testing.assert_allclose(emb, tiny.encode(CAPTIONS)[0], atol=1e-5)
 
 
 def test_refuses_another_encoder(tiny, tmp_path):

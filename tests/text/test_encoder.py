@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from imagen_jax import sharding, text
-from imagen_jax.text import hf_files
+from imagen_jax.text import encoder, hf_files
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures", "text")
 CAPTIONS = ["a red cat", "grinning face with smiling eyes", "",
@@ -105,3 +105,27 @@ def test_bad_specs_name_the_fix(spec, match):
 def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
   with pytest.raises(hf_files.CheckpointError, match="does not exist"):
     text.load_text_encoder(f"t5:{tmp_path}/nope")
+
+
+def test_length_buckets_match_the_full_length_computation():
+  # encode() runs a batch at the power of two holding its longest caption (16 here); the
+  # network run at the full max_len=48 must give the same real-token embeddings.
+  enc = text.load_text_encoder("random-t5:tiny", max_len=48, batch_size=4)
+  captions = ["a red cat", "", "grinning face"]
+  tokens = enc.tokenize(captions)
+  assert encoder.bucket_length(tokens.mask, 48) == 16
+  full = np.asarray(enc._apply(enc._state, tokens.ids, tokens.mask))  # pylint: disable=protected-access
+  emb, mask = enc.encode(captions)
+  np.testing.assert_allclose(emb[mask], full[mask], atol=1e-5)
+  assert np.all(emb[:, 16:] == 0)
+
+
+def test_bucket_length():
+  mask = np.zeros((2, 64), bool)
+  mask[0, :3] = True
+  assert encoder.bucket_length(mask, 64) == 8      # at least 8
+  mask[1, :9] = True
+  assert encoder.bucket_length(mask, 64) == 16
+  mask[1, :40] = True
+  assert encoder.bucket_length(mask, 48) == 48     # capped at max_len
+  assert encoder.bucket_length(np.zeros((1, 32), bool), 32) == 8
