@@ -1,6 +1,7 @@
 # The two commands of the README. Each creates .venv/ and installs what it needs itself.
-#   make demo   the main job (at this stage: the sampler benchmark on the exact mixture
-#               denoiser, plus one launch.py run of the analytic testbed)
+#   make demo   the main job (at this stage: builds the 64 and 256 px emoji datasets, runs
+#               the sampler benchmark on the exact mixture denoiser and one launch.py run
+#               of the analytic testbed)
 #   make test   the test suite (what CI runs, through .ci/run)
 
 PYTHON ?= python3
@@ -8,6 +9,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
+# TFDS data directory for the demo's datasets (built once, then reused).
+DATA_DIR ?= $(CURDIR)/data/tfds
 
 .PHONY: demo test install clean-venv
 
@@ -24,6 +27,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	touch $@
 
 demo: $(STAMP)
+	$(PY) launch.py --config=configs/base64.py:emoji --workdir=$(DEMO_DIR)/data64 \
+	    --mode=build_data --config.data.data_dir=$(DATA_DIR)
+	$(PY) launch.py --config=configs/sr256.py:emoji --workdir=$(DEMO_DIR)/data256 \
+	    --mode=build_data --config.data.data_dir=$(DATA_DIR)
 	$(PY) benchmarks/samplers.py --out $(DEMO_DIR)/sampler_benchmark
 	$(PY) launch.py --config=configs/gmm.py:ring --workdir=$(DEMO_DIR)/gmm_ring --mode=sample
 	@echo "demo outputs: $(DEMO_DIR)/ (sampler table: $(DEMO_DIR)/sampler_benchmark/samplers.md)"

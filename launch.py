@@ -3,15 +3,16 @@ r"""Runs one experiment: a config, a workdir and a mode.
   python launch.py --config=configs/FILE.py[:VARIANT] --workdir=DIR --mode=MODE \
       [--config.KEY=VALUE ...]
 
-MODE is train, sample, eval or precompute; each config kind supports some of them
-(configs/gmm.py, the analytic testbed: sample; the network configs base64/sr256/sr1024:
-precompute, which fills the text-embedding cache). Examples:
+MODE is train, sample, eval, precompute or build_data; each config kind supports some of
+them (configs/gmm.py, the analytic testbed: sample; the network configs base64/sr256/sr1024:
+build_data, which prepares their dataset, and precompute, which fills the text-embedding
+cache). Examples:
 
   python launch.py --config=configs/gmm.py:ring --workdir=/tmp/gmm --mode=sample
   python launch.py --config=configs/gmm.py:64d --workdir=/tmp/gmm64 --mode=sample \
       --config.diffusion.sampler.method=heun --config.diffusion.sampler.steps=18
-  python launch.py --config=configs/base64.py:emoji --workdir=/tmp/base64 --mode=precompute \
-      --config.data.captions_file=captions.txt
+  python launch.py --config=configs/base64.py:emoji --workdir=/tmp/base64 --mode=build_data
+  python launch.py --config=configs/base64.py:emoji --workdir=/tmp/base64 --mode=precompute
 
 Overrides can only set keys the config already has (configs are locked); a dict-valued
 key is replaced whole: --config.diffusion.schedule_kw="{'logsnr_min': -20.0}".
@@ -33,12 +34,14 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "eval", "precompute")
+MODES = ("train", "sample", "eval", "precompute", "build_data")
 # (config kind, mode) -> "module:function", called as function(config, workdir). Modules
 # are imported only after the config is validated, so a typo fails before JAX compiles.
 JOBS = {("gmm", "sample"): "imagen_jax.testbed_job:run",
         ("base", "precompute"): "imagen_jax.precompute_job:run",
-        ("sr", "precompute"): "imagen_jax.precompute_job:run"}
+        ("sr", "precompute"): "imagen_jax.precompute_job:run",
+        ("base", "build_data"): "imagen_jax.data.build_job:run",
+        ("sr", "build_data"): "imagen_jax.data.build_job:run"}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/FILE.py[:VARIANT].",

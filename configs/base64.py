@@ -48,15 +48,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Text encoding (imagen_jax.text): text_tokenizer overrides the checkpoint's tokenizer
   # (required for t5x: specs); embedding_cache, when set, is read instead of encoding on
-  # the fly, and is where --mode=precompute writes (default WORKDIR/text_cache).
+  # the fly, and is where --mode=precompute writes (default WORKDIR/text_cache);
+  # precompute encodes the dataset's captions, or captions_file's (one per line) if set.
   c.data.update(text_tokenizer="", text_dtype="float32", text_batch_size=64,
                 embedding_cache="", cache_dtype="float32", captions_file="")
+
+  # The dataset (imagen_jax/data/datasets.py), prepared by --mode=build_data into data_dir
+  # ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets) at data.resolution. limit caps drawings
+  # per style in each split (0 = all); source_dir/resize are for dataset="image_text_folder".
+  c.data.update(dataset="emoji_cascade", data_dir="", limit=0, source_dir="",
+                resize="center_crop", train_split="train", eval_split="test")
 
   if variant == "smoke":
     c.model.update(image_size=16, channels=32, channel_mult=(1, 2), num_res_blocks=1,
                    attn_resolutions=(16, 8), text_dim=32, head_dim=16, dropout=0.0)
     c.data.update(resolution=16, max_text_len=8,
-                  text_encoder="random-t5:tiny")
+                  text_encoder="random-t5:tiny", limit=4)
   elif variant in ("500m", "2b"):
     c.model.update(text_dim=4096, attn_resolutions=(32, 16, 8), dtype="bfloat16", remat=True)
     c.data.update(text_encoder="t5:/path/to/t5-v1_1-xxl", max_text_len=128,

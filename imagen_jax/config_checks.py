@@ -244,12 +244,43 @@ def check_text(config: ml_collections.ConfigDict, mode: str) -> None:
     raise ConfigError("model.text_dim", text_dim,
                       f"data.text_encoder={config.data.text_encoder!r} gives {width}-d "
                       "embeddings", fix=f"pass --config.model.text_dim={width}")
-  if mode == "precompute":
-    captions = get(config, "data.captions_file")
-    if not captions or not os.path.isfile(captions):
-      raise ConfigError("data.captions_file", captions, "precompute needs a caption file",
-                        fix="pass --config.data.captions_file=/path/to/captions.txt (one "
-                            "caption per line)")
+  captions = get(config, "data.captions_file")
+  if captions and not os.path.isfile(captions):
+    raise ConfigError("data.captions_file", captions, "no such file",
+                      fix="pass a text file with one caption per line, or '' to encode the "
+                          "dataset's captions")
+
+
+def check_data(config: ml_collections.ConfigDict, mode: str) -> None:
+  """data: a known dataset, sizes that fit the stage, and a source folder when needed."""
+  import os  # pylint: disable=g-import-not-at-top
+  from imagen_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  dataset = one_of(config, "data.dataset", datasets.DATASETS)
+  resolution = positive_int(config, "data.resolution", minimum=8)
+  if "low_resolution" in config.data:
+    low = positive_int(config, "data.low_resolution")
+    if resolution % low:
+      raise ConfigError("data.low_resolution", low,
+                        f"must divide data.resolution={resolution}")
+    crop = get(config, "data.crop")
+    if crop is not None:
+      factor = resolution // low
+      if not (_is_int(crop) and 0 < crop <= resolution and crop % factor == 0):
+        raise ConfigError("data.crop", crop, f"must be None or a multiple of {factor} (the SR "
+                          f"factor) no larger than data.resolution={resolution}")
+  limit = get(config, "data.limit")
+  if not (_is_int(limit) and limit >= 0):
+    raise ConfigError("data.limit", limit, "must be an integer >= 0 (0 = every drawing)")
+  one_of(config, "data.resize", ("center_crop", "pad"))
+  for key in ("data.train_split", "data.eval_split"):
+    if not get(config, key):
+      raise ConfigError(key, get(config, key), "must name a split", fix=f"pass --config.{key}=train")
+  if dataset == "image_text_folder":
+    source = get(config, "data.source_dir")
+    if not source or not os.path.isdir(source):
+      raise ConfigError("data.source_dir", source, "image_text_folder needs an existing folder",
+                        fix="pass --config.data.source_dir=/path/to/images (images with "
+                            "same-stem .txt captions, or a metadata.jsonl/csv manifest)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,10 +298,11 @@ KINDS: dict[str, Kind] = {
         checks=(check_gmm_data, check_schedule, check_sampler, check_eval_samples),
         why="the Gaussian-mixture testbed uses its exact denoiser, so there is no "
             "network to train, evaluate or precompute inputs for"),
-    # Network configs: text precompute runs today; train/sample/eval arrive with the trainer.
-    "base": Kind(modes=("precompute",), checks=(check_model, check_text),
+    # Network configs: data building and text precompute run today; train/sample/eval
+    # arrive with the trainer.
+    "base": Kind(modes=("build_data", "precompute"), checks=(check_model, check_data, check_text),
                  why="the trainer that runs the networks is the next step"),
-    "sr": Kind(modes=("precompute",), checks=(check_model, check_text),
+    "sr": Kind(modes=("build_data", "precompute"), checks=(check_model, check_data, check_text),
                why="the trainer that runs the networks is the next step"),
 }
 

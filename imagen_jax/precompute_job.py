@@ -1,10 +1,9 @@
 """`--mode=precompute`: encode every caption once into the embedding cache.
 
-  python launch.py --config=configs/base64.py:emoji --workdir=/tmp/base64 --mode=precompute \
-      --config.data.captions_file=captions.txt
+  python launch.py --config=configs/base64.py:emoji --workdir=/tmp/base64 --mode=precompute
 
-Reads captions (`data.captions_file`, one per line), encodes the ones the cache lacks with
-`data.text_encoder`, and adds them to the cache at `data.embedding_cache` (default:
+Reads the captions of the dataset's train and eval splits (or of `data.captions_file`, one
+per line, when set), encodes the ones the cache lacks with `data.text_encoder`, and adds them to the cache at `data.embedding_cache` (default:
 WORKDIR/text_cache). Training then reads embeddings from there when `data.embedding_cache`
 names it. Writes WORKDIR/precompute.json (what was encoded, how fast).
 """
@@ -19,15 +18,12 @@ from typing import Any
 import ml_collections
 
 from imagen_jax import text
+from imagen_jax.data import datasets
 from imagen_jax.text import cache
 
 
 def read_captions(path: str) -> list[str]:
-  """One caption per line (blank lines skipped), as written by the data builders."""
-  if not path:
-    raise FileNotFoundError(
-        "No captions to encode: data.captions_file is empty. Fix: pass "
-        "--config.data.captions_file=/path/to/captions.txt (one caption per line).")
+  """One caption per line (blank lines skipped)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"data.captions_file={path!r} does not exist; pass an existing "
                             "text file with one caption per line.")
@@ -46,7 +42,10 @@ def cache_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data = config.data
   os.makedirs(workdir, exist_ok=True)
-  captions = read_captions(data.captions_file)
+  if data.captions_file:
+    captions = read_captions(data.captions_file)
+  else:
+    captions = datasets.captions(data, (data.train_split, data.eval_split))
   start = time.perf_counter()
   encoder = text.encoder_from_config(data)
   load_s = time.perf_counter() - start
@@ -57,7 +56,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary.update(encoder=encoder.describe(), storage_dtype=data.cache_dtype,
                  load_s=load_s, encode_s=encode_s,
                  captions_per_s=summary["added"] / encode_s if summary["added"] else None,
-                 captions_file=data.captions_file)
+                 captions_from=data.captions_file or f"{data.dataset} "
+                 f"{data.train_split}+{data.eval_split}")
   with open(os.path.join(workdir, "precompute.json"), "w") as f:
     json.dump(summary, f, indent=2)
     f.write("\n")

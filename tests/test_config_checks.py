@@ -177,7 +177,7 @@ def test_eval(cfg, key, value):
 def test_kinds_table():
   # Every kind lists modes launch.py knows and at least one check.
   for kind in config_checks.KINDS.values():
-    assert set(kind.modes) <= {"train", "sample", "eval", "precompute"} and kind.checks
+    assert set(kind.modes) <= {"train", "sample", "eval", "precompute", "build_data"} and kind.checks
 
 
 # Network configs (base64, sr256, sr1024) -------------------------------------------------
@@ -192,8 +192,8 @@ NETWORK_CONFIGS = [(name, variant) for name, variants in
 def test_network_configs_pass_their_checks(name, variant):
   cfg = load_config(name, variant)
   config_checks.check_model(cfg, "train")
-  # Only precompute runs them yet: training says so instead of failing later.
-  with pytest.raises(ConfigError, match="support only --mode=precompute"):
+  # Only build_data and precompute run them yet: training says so instead of failing later.
+  with pytest.raises(ConfigError, match="support only --mode=build_data, --mode=precompute"):
     validate(cfg, "train")
 
 

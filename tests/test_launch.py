@@ -118,4 +118,4 @@ def test_jobs_cover_exactly_the_supported_modes(monkeypatch):
   from imagen_jax.config_checks import KINDS
   supported = {(kind, mode) for kind, spec in KINDS.items() for mode in spec.modes}
   assert set(launch_module.JOBS) == supported
-  assert set(launch_module.MODES) == {"train", "sample", "eval", "precompute"}
+  assert set(launch_module.MODES) == {"train", "sample", "eval", "precompute", "build_data"}

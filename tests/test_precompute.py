@@ -64,9 +64,15 @@ def test_cache_of_another_encoder_is_refused(precomputed):
 
 
 def test_precompute_config_errors(tmp_path):
+  # No caption file and no dataset built in data_dir: says which mode to run first.
   assert_user_error(
-      launch("--config=configs/base64.py:smoke", f"--workdir={tmp_path}", "--mode=precompute"),
-      "data.captions_file", "--config.data.captions_file=")
+      launch("--config=configs/base64.py:smoke", f"--workdir={tmp_path}", "--mode=precompute",
+             f"--config.data.data_dir={tmp_path / 'tfds'}"),
+      "is not built", "--mode=build_data")
+  assert_user_error(
+      launch("--config=configs/base64.py:smoke", f"--workdir={tmp_path}", "--mode=precompute",
+             f"--config.data.captions_file={tmp_path / 'nope.txt'}"),
+      "data.captions_file", "no such file")
   captions = tmp_path / "c.txt"
   captions.write_text("a cat\n")
   assert_user_error(
