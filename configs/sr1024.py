@@ -72,7 +72,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.update(dataset="emoji_cascade", data_dir="", limit=0, source_dir="",
                 resize="center_crop", train_split="train", eval_split="test")
 
+  # Training schedule options and the sampler of the log's sample grids (and later eval).
+  c.diffusion.update(schedule_kw={}, thresholding="dynamic",
+                     sampler=dict(method="dpmpp_2m", steps=25, grid="logsnr", rho=7.0))
+
+  # Training (imagen_jax/train). batch_size is global (split over processes and the
+  # mesh's data axes); text_drop_prob drops the caption for classifier-free guidance.
+  c.train = dict(batch_size=32, steps=200_000, seed=0, text_drop_prob=0.1, accum_steps=1,
+                 antithetic=True, max_bad_steps=20)
+  c.optim = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                 schedule="constant", warmup_steps=1000, decay_steps=0, end_lr_frac=0.0,
+                 grad_clip=1.0, ema_decays=(0.9999,))
+  # Mesh axes (data, fsdp, tensor); -1 takes the remaining devices. Parameters map to mesh
+  # axes by imagen_jax.sharding.DEFAULT_RULES (FSDP over embed/channels, TP over heads/MLP).
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.ckpt = dict(every=1000, keep=3, keep_every=0, async_save=True)
+  # Logging: scalars every `every` steps; an EMA sample grid of `prompts` every
+  # sample_every steps; MFU against peak_flops (per device; 144e9 = the 2-core CPU).
+  c.log = dict(every=50, sample_every=5000, guidance=3.0, peak_flops=144e9,
+               prompts=("grinning face, twemoji style", "red apple, openmoji style",
+                        "rocket, twemoji style", "cat face, openmoji style"))
+
   if variant == "smoke":
+    # Seconds on CPU: a few dozen steps, checkpoints and sample grids included.
+    c.train.update(batch_size=8, steps=40)
+    c.optim.update(lr=1e-3, warmup_steps=5, ema_decays=(0.9,))
+    c.ckpt.update(every=10)
+    c.log.update(every=5, sample_every=20)
+    c.diffusion.sampler.update(steps=4)
     c.model.update(channels=16, channel_mult=(1, 2), num_res_blocks=(1, 2),
                    cross_attn_levels=(1,), self_attn_levels=(), text_dim=32, cond_dim=32,
                    head_dim=16, dropout=0.0)
