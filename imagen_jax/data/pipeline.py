@@ -16,13 +16,15 @@ and "text_mask" [B,L] bool.
 Order of operations (all on grain's MapDataset, so every step is a pure function of an
 index and the iterator state is just a position):
 
-  range(N) -> shuffle(seed) -> [p : N//P*P : P] -> repeat(num_epochs) -> load example
-  -> batch(batch_size // P) -> to_iter_dataset -> [mp_prefetch(worker_count)] -> [text]
+  range(N) -> shuffle(seed) -> repeat(num_epochs) -> blocks of B/P -> [p::P] -> load block
+  -> to_iter_dataset -> [mp_prefetch(worker_count)] -> [text]
 
-- Shuffling is global and redone every epoch (grain folds the epoch into the seed); process
-  p of P then takes every P-th position of that epoch's permutation, so the shards are
-  disjoint, equal in size (N//P; the N mod P left over are different records each epoch)
-  and every process yields the same number of steps.
+- Shuffling is global and redone every epoch (grain folds the epoch into the seed). The
+  record stream is cut into global batches of B, and process p of P loads rows
+  [p B/P, (p+1) B/P) of each: the shards are disjoint, every process yields the same
+  number of steps, and the assembled global batch is row for row the one-process batch
+  (so a multi-host run trains exactly like a single-host one). Batches run on across
+  epoch boundaries.
 - Batching happens before the worker split, so a batch's contents do not depend on
   worker_count, and a state saved with one worker count replays the same batches.
 - Random crops use `example_rng(seed, epoch, record index)`: the same record in the same
@@ -221,6 +223,24 @@ class _Example:
     return out
 
 
+class _Block:
+  """(block position in this process's stream, record indices) -> one local batch.
+
+  The stream position of a record (what fixes its epoch, hence its crop) is computed in
+  the shared stream, so crops do not depend on the process count either.
+  """
+
+  def __init__(self, example: _Example, *, local_batch: int, process_index: int,
+               process_count: int):
+    self.example, self.local_batch = example, local_batch
+    self.process_index, self.process_count = process_index, process_count
+
+  def __call__(self, block: int, indices: Any) -> dict[str, np.ndarray]:
+    first = (block * self.process_count + self.process_index) * self.local_batch
+    rows = [self.example(first + j, index) for j, index in enumerate(np.asarray(indices))]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 class _Finish:
   """Main-process batch step: plain numpy arrays (workers hand over shared-memory views),
   then the text embeddings."""
@@ -311,24 +331,26 @@ def _build(source, *, resolution: int, low_resolution: int | None, crop: int | N
         f"Source images are {size}px, smaller than resolution={resolution}: this stage needs "
         f"images of at least {resolution}px (larger ones are downsampled). Fix: use the "
         f"dataset built at {resolution}px or more.")
-  per_epoch = n // process_count
-  if per_epoch == 0:
-    raise PipelineError(f"{n} records cannot be split over {process_count} processes.")
-  if num_epochs is not None and drop_remainder and per_epoch * num_epochs < local_batch:
+  if num_epochs is not None and drop_remainder and n * num_epochs < batch_size:
     raise PipelineError(
-        f"{num_epochs} epoch(s) of {per_epoch} records per process fill no batch of "
-        f"{local_batch}. Fix: a smaller batch_size, more epochs, or drop_remainder=False.")
+        f"{num_epochs} epoch(s) of {n} records fill no batch of {batch_size}. Fix: "
+        "a smaller batch_size, more epochs, or drop_remainder=False.")
 
+  # One stream of records for all processes (reshuffled every epoch, batches running on
+  # across epochs), cut into blocks of local_batch; process p takes blocks p, p + P, ...
+  # So global batch k is the same records in the same row order whatever the process
+  # count, and a 2-process run sees exactly the batches of a 1-process run.
   ds = grain.MapDataset.range(n)
   if shuffle:
     ds = ds.shuffle(seed=int(seed))
-  # Strided slice of each epoch's permutation; the slice carries the epoch into shuffle.
-  ds = ds[process_index:per_epoch * process_count:process_count]
   ds = ds.repeat(num_epochs)
-  ds = ds.map_with_index(_Example(source, resolution=resolution,
-                                  low_resolution=low_resolution, crop=crop, seed=int(seed),
-                                  per_epoch=per_epoch))
   ds = ds.batch(local_batch, drop_remainder=drop_remainder)
+  ds = ds[process_index::process_count]
+  ds = ds.map_with_index(_Block(_Example(source, resolution=resolution,
+                                         low_resolution=low_resolution, crop=crop,
+                                         seed=int(seed), per_epoch=n),
+                                local_batch=local_batch, process_index=process_index,
+                                process_count=process_count))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=2 * read_threads))
   if worker_count > 0:
