@@ -1,7 +1,7 @@
 # The two commands of the README. Each creates .venv/ and installs what it needs itself.
-#   make demo   the main job (at this stage: builds the 64 and 256 px emoji datasets, runs
-#               the sampler benchmark on the exact mixture denoiser and one launch.py run
-#               of the analytic testbed)
+#   make demo   the main job: builds the 64 and 256 px emoji datasets, trains the 64x64
+#               base and the 64->256 stage for 3 minutes each (CPU demo configs), leaving
+#               checkpoints, TensorBoard logs and sample grids; plus the analytic testbed
 #   make test   the test suite (what CI runs, through .ci/run)
 
 PYTHON ?= python3
@@ -27,13 +27,17 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) launch.py --config=configs/base64.py:emoji --workdir=$(DEMO_DIR)/data64 \
+	$(PY) launch.py --config=configs/base64.py:demo --workdir=$(DEMO_DIR)/data64 \
 	    --mode=build_data --config.data.data_dir=$(DATA_DIR)
-	$(PY) launch.py --config=configs/sr256.py:emoji --workdir=$(DEMO_DIR)/data256 \
+	$(PY) launch.py --config=configs/sr256.py:demo --workdir=$(DEMO_DIR)/data256 \
 	    --mode=build_data --config.data.data_dir=$(DATA_DIR)
-	$(PY) benchmarks/samplers.py --out $(DEMO_DIR)/sampler_benchmark
+	$(PY) launch.py --config=configs/base64.py:demo --workdir=$(DEMO_DIR)/base64 \
+	    --mode=train --config.data.data_dir=$(DATA_DIR)
+	$(PY) launch.py --config=configs/sr256.py:demo --workdir=$(DEMO_DIR)/sr256 \
+	    --mode=train --config.data.data_dir=$(DATA_DIR)
 	$(PY) launch.py --config=configs/gmm.py:ring --workdir=$(DEMO_DIR)/gmm_ring --mode=sample
-	@echo "demo outputs: $(DEMO_DIR)/ (sampler table: $(DEMO_DIR)/sampler_benchmark/samplers.md)"
+	@echo "demo outputs in $(DEMO_DIR)/: base64/ and sr256/ hold checkpoints/, tensorboard/" \
+	    "(event files), samples/*.png (EMA sample grids), loss.png and metrics.jsonl"
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests

@@ -41,7 +41,9 @@ JOBS = {("gmm", "sample"): "imagen_jax.testbed_job:run",
         ("base", "precompute"): "imagen_jax.precompute_job:run",
         ("sr", "precompute"): "imagen_jax.precompute_job:run",
         ("base", "build_data"): "imagen_jax.data.build_job:run",
-        ("sr", "build_data"): "imagen_jax.data.build_job:run"}
+        ("sr", "build_data"): "imagen_jax.data.build_job:run",
+        ("base", "train"): "imagen_jax.train.trainer:run",
+        ("sr", "train"): "imagen_jax.train.trainer:run"}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/FILE.py[:VARIANT].",
@@ -49,6 +51,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory; created if missing. Jobs overwrite only their own files.")
 _MODE = flags.DEFINE_enum("mode", None, MODES, "What to run with the config.")
+# Multi-host: TPU pods, SLURM and Open MPI clusters fill these in themselves
+# (--distributed alone); elsewhere name the coordinator and this process explicitly.
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU/SLURM/MPI).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0; implies --distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir", "mode"])
 
 
@@ -64,6 +74,8 @@ def main(argv: list[str]) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     _fail(f"--workdir={workdir} exists and is not a directory.")
 
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    _initialize_distributed()  # before anything can start a JAX backend
   from imagen_jax import config_checks  # imports JAX (the schedule/sampler registries)
   try:
     config_checks.validate(config, mode)
@@ -76,6 +88,20 @@ def main(argv: list[str]) -> None:
     getattr(importlib.import_module(module), function)(config, workdir)
   except UserError as e:  # a bad input found while running: the message says the fix
     _fail(str(e))
+
+
+def _initialize_distributed() -> None:
+  """jax.distributed.initialize before any other JAX use. CPU collectives across processes
+  need gloo (the setting only affects the CPU backend, so it is harmless on GPU/TPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      _fail("--coordinator_address needs --num_processes and --process_id as well.")
+    kwargs = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                  process_id=_PROCESS_ID.value)
+  jax.distributed.initialize(**kwargs)
 
 
 # Flag parsing: absl's, with one-paragraph messages and exit status 2 for user errors. -----

@@ -2,8 +2,6 @@ r"""Imagen super-resolution stage 2: 256x256 -> 1024x1024, an Efficient U-Net.
 
   python launch.py --config=configs/sr1024.py:emoji --workdir=/tmp/sr1024 --mode=train
 
-(Training arrives in a later issue; today this config defines the network and its tests.)
-
 Trained on crops (Imagen: 256x256 crops of the 1024 image with the matching 64x64 crops
 of the 256 one) and sampled on whole images: the network is fully convolutional and has
 no self-attention, only text cross-attention at its lowest level.
@@ -70,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets) at data.resolution. limit caps drawings
   # per style in each split (0 = all); source_dir/resize are for dataset="image_text_folder".
   c.data.update(dataset="emoji_cascade", data_dir="", limit=0, source_dir="",
-                resize="center_crop", train_split="train", eval_split="test")
+                resize="center_crop", train_split="train", eval_split="test", workers=0)
 
   # Training schedule options and the sampler of the log's sample grids (and later eval).
   c.diffusion.update(schedule_kw={}, thresholding="dynamic",
@@ -79,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Training (imagen_jax/train). batch_size is global (split over processes and the
   # mesh's data axes); text_drop_prob drops the caption for classifier-free guidance.
   c.train = dict(batch_size=32, steps=200_000, seed=0, text_drop_prob=0.1, accum_steps=1,
-                 antithetic=True, max_bad_steps=20)
+                 antithetic=True, max_bad_steps=20, time_limit_s=0)
   c.optim = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                  schedule="constant", warmup_steps=1000, decay_steps=0, end_lr_frac=0.0,
                  grad_clip=1.0, ema_decays=(0.9999,))

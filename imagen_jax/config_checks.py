@@ -283,6 +283,49 @@ def check_data(config: ml_collections.ConfigDict, mode: str) -> None:
                             "same-stem .txt captions, or a metadata.jsonl/csv manifest)")
 
 
+def check_train(config: ml_collections.ConfigDict, mode: str) -> None:
+  """train, optim, mesh, ckpt, log: types and ranges (the mesh against the devices and the
+  batch against the mesh are checked by the trainer, which knows the devices)."""
+  positive_int(config, "train.batch_size")
+  positive_int(config, "train.steps")
+  integer(config, "train.seed")
+  positive_int(config, "train.accum_steps")
+  positive_int(config, "train.max_bad_steps")
+  number(config, "train.time_limit_s", low=0.0)
+  p = number(config, "train.text_drop_prob", low=0.0)
+  if p > 1:
+    raise ConfigError("train.text_drop_prob", p, "is a probability, so at most 1")
+  one_of(config, "optim.name", ("adamw", "adam", "adafactor"))
+  one_of(config, "optim.schedule", ("constant", "cosine"))
+  number(config, "optim.lr", low=0.0, strict=True)
+  for key in ("optim.warmup_steps", "optim.decay_steps"):
+    if not (_is_int(get(config, key)) and get(config, key) >= 0):
+      raise ConfigError(key, get(config, key), "must be an integer >= 0")
+  for key in ("optim.weight_decay", "optim.grad_clip", "optim.end_lr_frac"):
+    number(config, key, low=0.0)
+  decays = get(config, "optim.ema_decays")
+  if not all(_is_number(d) and 0 < d < 1 for d in decays):
+    raise ConfigError("optim.ema_decays", decays, "each EMA decay must lie in (0, 1)",
+                      fix="pass e.g. --config.optim.ema_decays='(0.9999,)'")
+  for axis in ("data", "fsdp", "tensor"):
+    size = integer(config, f"mesh.{axis}")
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}", size, "must be a positive size or -1 (the rest)")
+  positive_int(config, "ckpt.every")
+  positive_int(config, "ckpt.keep")
+  if not (_is_int(get(config, "ckpt.keep_every")) and get(config, "ckpt.keep_every") >= 0):
+    raise ConfigError("ckpt.keep_every", get(config, "ckpt.keep_every"),
+                      "must be an integer >= 0 (0 keeps only the newest ckpt.keep)")
+  positive_int(config, "log.every")
+  if not (_is_int(get(config, "log.sample_every")) and get(config, "log.sample_every") >= 0):
+    raise ConfigError("log.sample_every", get(config, "log.sample_every"),
+                      "must be an integer >= 0 (0 = no sample grids)")
+  number(config, "log.guidance", low=0.0)
+  number(config, "log.peak_flops", low=0.0, strict=True)
+  one_of(config, "diffusion.thresholding", ("dynamic", "static", "none"))
+  positive_int(config, "data.workers", minimum=0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
   """What a config `kind` can run (`modes`) and the checks its config must pass."""
@@ -298,12 +341,15 @@ KINDS: dict[str, Kind] = {
         checks=(check_gmm_data, check_schedule, check_sampler, check_eval_samples),
         why="the Gaussian-mixture testbed uses its exact denoiser, so there is no "
             "network to train, evaluate or precompute inputs for"),
-    # Network configs: data building and text precompute run today; train/sample/eval
-    # arrive with the trainer.
-    "base": Kind(modes=("build_data", "precompute"), checks=(check_model, check_data, check_text),
-                 why="the trainer that runs the networks is the next step"),
-    "sr": Kind(modes=("build_data", "precompute"), checks=(check_model, check_data, check_text),
-               why="the trainer that runs the networks is the next step"),
+    # Network configs: sampling and evaluation arrive with the cascade.
+    "base": Kind(modes=("build_data", "precompute", "train"),
+                 checks=(check_model, check_data, check_text, check_schedule, check_sampler,
+                         check_train),
+                 why="sampling and evaluation of trained stages arrive with the cascade"),
+    "sr": Kind(modes=("build_data", "precompute", "train"),
+               checks=(check_model, check_data, check_text, check_schedule, check_sampler,
+                       check_train),
+               why="sampling and evaluation of trained stages arrive with the cascade"),
 }
 
 

@@ -46,6 +46,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     captions = read_captions(data.captions_file)
   else:
     captions = datasets.captions(data, (data.train_split, data.eval_split))
+  # The trainer's sample-grid prompts too, so a cache-fed run never needs the encoder.
+  captions += [p for p in config.get("log", {}).get("prompts", ()) if p]
   start = time.perf_counter()
   encoder = text.encoder_from_config(data)
   load_s = time.perf_counter() - start

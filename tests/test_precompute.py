@@ -14,6 +14,8 @@ from imagen_jax.text import cache
 from test_launch import REPO, assert_user_error, launch  # pylint: disable=g-bad-import-order
 
 CAPTIONS = ["a red cat", "grinning face", "a very small lighthouse", "an owl at night"]
+# Precompute also encodes the config's sample-grid prompts (4 in the smoke config).
+N_PROMPTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,9 @@ def precomputed(tmp_path_factory):
 def test_precompute_writes_a_cache_the_trainer_reads(precomputed):
   _, workdir, _, proc = precomputed
   summary = json.loads((workdir / "precompute.json").read_text())
-  assert summary["added"] == len(CAPTIONS) and summary["encoder"]["spec"] == "random-t5:tiny"
-  assert "4 caption(s) added" in proc.stdout
+  assert summary["added"] == len(CAPTIONS) + N_PROMPTS
+  assert summary["encoder"]["spec"] == "random-t5:tiny"
+  assert f"{len(CAPTIONS) + N_PROMPTS} caption(s) added" in proc.stdout
   # What training does: the text source of the config with the cache set.
   cfg = config_files.load(REPO / "configs/base64.py", "smoke")
   cfg.data.embedding_cache = str(workdir / "text_cache")
@@ -49,7 +52,8 @@ def test_rerun_adds_nothing(precomputed):
   proc = launch("--config=configs/base64.py:smoke", f"--workdir={workdir}",
                 "--mode=precompute", f"--config.data.captions_file={captions}")
   assert proc.returncode == 0, proc.stderr
-  assert "0 caption(s) added" in proc.stdout and "4 already cached" in proc.stdout
+  assert "0 caption(s) added" in proc.stdout
+  assert f"{len(CAPTIONS) + N_PROMPTS} already cached" in proc.stdout
 
 
 def test_cache_of_another_encoder_is_refused(precomputed):
@@ -60,7 +64,7 @@ def test_cache_of_another_encoder_is_refused(precomputed):
                 "--config.data.max_text_len=12")
   assert proc.returncode == 2, proc.stderr
   assert "Traceback" not in proc.stderr and "max_len: cache 8 vs wanted 12" in proc.stderr
-  assert len(cache.EmbeddingCache.open(workdir / "text_cache")) == len(CAPTIONS)
+  assert len(cache.EmbeddingCache.open(workdir / "text_cache")) == len(CAPTIONS) + N_PROMPTS
 
 
 def test_precompute_config_errors(tmp_path):

@@ -1,0 +1,127 @@
+r"""Train-step throughput: images/s, FLOPs/s and MFU, compile time, peak host memory.
+
+  python benchmarks/train.py                         # the CPU rows below
+  python benchmarks/train.py --only base64.py:demo   # one config
+  python benchmarks/train.py --peak 989e12 --only base64.py:500m --batch 64   # a GPU
+
+Each config runs in its own subprocess (so peak memory is its own): the sharded train
+state is created, one jitted step (`imagen_jax.train.step`) compiled on synthetic batches
+of the config's shapes (text embeddings random, as from the cache), then timed over
+`--steps` steps after one warm-up. FLOPs per step come from XLA's cost analysis of the
+compiled step; MFU = FLOPs/s / (peak per device x devices). The default peak is the
+2-core CPU's 144 GFLOP/s fp32 (DESIGN.md). Writes benchmarks/results/train.{md,csv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+# (config, batch): the configs a CPU can step in seconds.
+RUNS = (("base64.py:smoke", 8), ("base64.py:demo", 16), ("base64.py:emoji", 8),
+        ("sr256.py:smoke", 8), ("sr256.py:demo", 16), ("sr256.py:emoji", 8))
+
+
+def one(spec: str, batch: int, steps: int, peak: float) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from imagen_jax import config_files  # pylint: disable=g-import-not-at-top
+  from imagen_jax.train import sharding, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+
+  path, variant = spec.split(":")
+  c = config_files.load(os.path.join("configs", path), variant)
+  c.train.batch_size = batch
+  mesh = sharding.mesh_from_config(c.mesh)
+  graphdef, state, shardings = state_lib.create_state(c, mesh)
+  fn = step_lib.make_train_step(c, graphdef, shardings, mesh)
+  rng = np.random.default_rng(0)
+  size = c.data.crop or c.data.resolution if c.kind == "sr" else c.data.resolution
+  b = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+       "text": rng.standard_normal((batch, c.data.max_text_len, c.model.text_dim),
+                                   np.float32),
+       "text_mask": np.ones((batch, c.data.max_text_len), bool)}
+  if c.kind == "sr":
+    low = size * c.data.low_resolution // c.data.resolution
+    b["lowres"] = rng.uniform(-1, 1, (batch, low, low, 3)).astype(np.float32)
+  dev = step_lib.device_batch(b, mesh)
+  start = time.perf_counter()
+  compiled = fn.jitted.lower(state, dev).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  state, m = compiled(state, dev)
+  jax.block_until_ready(m)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, m = compiled(state, step_lib.device_batch(b, mesh))
+  jax.block_until_ready(m)
+  sec = (time.perf_counter() - start) / steps
+  total_peak = peak * jax.device_count()
+  return {"config": spec, "batch": batch, "params": int(sum(
+      x.size for x in jax.tree.leaves(state.params))), "compile_s": compile_s,
+          "step_s": sec, "images_per_s": batch / sec, "gflop_per_step": flops / 1e9,
+          "gflops_per_s": flops / sec / 1e9, "mfu": flops / sec / total_peak,
+          "peak_host_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "backend": f"{jax.default_backend()} x{jax.device_count()}"}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--only", default="", help="comma-separated FILE.py:VARIANT")
+  parser.add_argument("--batch", type=int, default=0, help="override every run's batch")
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--peak", type=float, default=144e9, help="peak FLOP/s per device")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  parser.add_argument("--one", default="", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.one:
+    spec, batch = args.one.rsplit("@", 1)
+    print(json.dumps(one(spec, int(batch), args.steps, args.peak)))
+    return
+  runs = [(s, b) for s, b in RUNS if not args.only or s in args.only.split(",")]
+  runs += [(s, args.batch or 8) for s in args.only.split(",") if s and s not in dict(RUNS)]
+  rows = []
+  for spec, batch in runs:
+    batch = args.batch or batch
+    proc = subprocess.run([sys.executable, __file__, f"--one={spec}@{batch}",
+                           f"--steps={args.steps}", f"--peak={args.peak}"],
+                          capture_output=True, text=True)
+    if proc.returncode:
+      print(f"{spec}: failed\n{proc.stderr[-2000:]}")
+      continue
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows.append(row)
+    print(f"  {spec} batch {batch}: {row['images_per_s']:.2f} img/s, "
+          f"{row['gflops_per_s']:.1f} GFLOP/s, MFU {100 * row['mfu']:.1f}%, "
+          f"compile {row['compile_s']:.0f} s, peak host {row['peak_host_mib']:.0f} MiB")
+  os.makedirs(args.out, exist_ok=True)
+  lines = ["# Train-step throughput", "",
+           f"Command: `python benchmarks/train.py{' --only ' + args.only if args.only else ''}`;"
+           f" peak {args.peak / 1e9:g} GFLOP/s per device; synthetic batches, text from a "
+           "cache (no encoder in the step).", "",
+           "| config | backend | params | batch | img/s | GFLOP/step | GFLOP/s | MFU | "
+           "compile s | peak host MiB |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines += [f"| {r['config']} | {r['backend']} | {r['params']:,} | {r['batch']} | "
+            f"{r['images_per_s']:.2f} | {r['gflop_per_step']:.1f} | {r['gflops_per_s']:.1f} | "
+            f"{100 * r['mfu']:.1f}% | {r['compile_s']:.0f} | {r['peak_host_mib']:.0f} |"
+            for r in rows]
+  with open(os.path.join(args.out, "train.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  if rows:
+    with open(os.path.join(args.out, "train.csv"), "w", newline="") as f:
+      w = csv.DictWriter(f, list(rows[0]))
+      w.writeheader()
+      w.writerows(rows)
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
