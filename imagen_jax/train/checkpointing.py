@@ -87,6 +87,17 @@ def sync_requested(flag: bool) -> bool:
   return _all_processes(flag, reduce=np.any)
 
 
+def sync_flags(*flags: bool) -> tuple[bool, ...]:
+  """Each flag ORed across processes, in ONE collective (the train loop calls this every
+  step; one all-gather instead of one per flag)."""
+  local = np.asarray(flags, np.int32)
+  if jax.process_count() == 1:
+    return tuple(bool(f) for f in local)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(flags))
+  return tuple(bool(f) for f in gathered.any(0))
+
+
 @dataclasses.dataclass
 class _Retention:
   """Orbax preservation policy: the newest `keep` good steps, multiples of `keep_every`,

@@ -168,15 +168,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         _log_samples(logger, sample_fn, state, sample_inputs, step, config)
       if ckpt.should_save(step) and int(jax.device_get(state.bad_steps)) == 0:
         save(step)
-      if checkpointing.sync_requested(guard.requested):
+      if began is None:
+        jax.block_until_ready(metrics)
+        began = time.perf_counter()
+      out_of_time = bool(time_limit) and time.perf_counter() - began > time_limit
+      preempt, out_of_time = checkpointing.sync_flags(guard.requested, out_of_time)
+      if preempt:
         save(step, force=True)
         preempted = True
         print(f"preemption signal: saved step {step}, exiting")
         break
-      if began is None:
-        jax.block_until_ready(metrics)
-        began = time.perf_counter()
-      if time_limit and checkpointing.sync_requested(time.perf_counter() - began > time_limit):
+      if out_of_time:
         print(f"train.time_limit_s={time_limit:g} reached at step {step}; saving and stopping "
               "(rerun with the same workdir to continue)")
         break
