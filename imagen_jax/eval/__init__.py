@@ -1,0 +1,2 @@
+"""Evaluation: Inception FID (`fid`, `inception`), its weights (`weights`), and readers of
+PyTorch checkpoint files without torch (`torch_files`)."""
