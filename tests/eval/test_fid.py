@@ -73,6 +73,19 @@ def test_frechet_distance_degenerate_covariances():
     fid.frechet_distance(np.zeros(2), np.diag([1.0, -4.0]), np.zeros(2), np.eye(2))
 
 
+def test_feature_distance_equals_the_statistics_route():
+  # Fewer rows than dimensions (the small-SVD path) and more (the statistics path).
+  rng = np.random.default_rng(4)
+  for na, nb, d in ((10, 7, 64), (40, 90, 64), (100, 120, 16)):
+    a = rng.normal(size=(na, d)) * 1.5
+    b = rng.normal(size=(nb, d)) + 0.3
+    expected = _reference_distance(*fid.feature_statistics(a), *fid.feature_statistics(b))
+    np.testing.assert_allclose(fid.feature_distance(a, b), expected, rtol=1e-7)
+    assert abs(fid.feature_distance(a, a)) < 1e-9 * np.trace(fid.feature_statistics(a)[1])
+  with pytest.raises(ValueError, match="equal D"):
+    fid.feature_distance(np.zeros((3, 4)), np.zeros((3, 5)))
+
+
 def test_feature_statistics():
   feats = np.random.default_rng(2).normal(size=(50, 6)).astype(np.float32)
   mu, sigma = fid.feature_statistics(feats)
@@ -106,7 +119,7 @@ def test_fid_of_image_sets(monkeypatch):
     return (fa if images is a else fs)[:, :64]
 
   monkeypatch.setattr(fid, "inception_features", features)
-  assert fid.fid(a, shifted, batch_size=BATCH, progress=False) == shifted_fd
+  assert fid.fid(a, shifted, batch_size=BATCH, progress=False) == pytest.approx(shifted_fd, rel=1e-9)
   assert fid.fid(a, a, batch_size=BATCH) < 1e-6
   assert seen[0] == {"batch_size": BATCH, "progress": False}
 
