@@ -5,14 +5,19 @@ r"""Runs one experiment: a config, a workdir and a mode.
 
 MODE is train, sample, eval, precompute or build_data; each config kind supports some of
 them (configs/gmm.py, the analytic testbed: sample; the network configs base64/sr256/sr1024:
-build_data, which prepares their dataset, and precompute, which fills the text-embedding
-cache). Examples:
+build_data, which prepares their dataset, precompute, which fills the text-embedding
+cache, and train; configs/cascade.py, the trained stages together: sample and eval).
+Examples:
 
   python launch.py --config=configs/gmm.py:ring --workdir=/tmp/gmm --mode=sample
   python launch.py --config=configs/gmm.py:64d --workdir=/tmp/gmm64 --mode=sample \
       --config.diffusion.sampler.method=heun --config.diffusion.sampler.steps=18
   python launch.py --config=configs/base64.py:emoji --workdir=/tmp/base64 --mode=build_data
   python launch.py --config=configs/base64.py:emoji --workdir=/tmp/base64 --mode=precompute
+  python launch.py --config=configs/base64.py:emoji --workdir=/tmp/base64 --mode=train
+  python launch.py --config=configs/cascade.py:demo --workdir=/tmp/samples --mode=sample \
+      --prompt="rocket, twemoji style" --prompt="red apple, openmoji style"
+  python launch.py --config=configs/cascade.py:demo --workdir=/tmp/eval --mode=eval
 
 Overrides can only set keys the config already has (configs are locked); a dict-valued
 key is replaced whole: --config.diffusion.schedule_kw="{'logsnr_min': -20.0}".
@@ -43,7 +48,9 @@ JOBS = {("gmm", "sample"): "imagen_jax.testbed_job:run",
         ("base", "build_data"): "imagen_jax.data.build_job:run",
         ("sr", "build_data"): "imagen_jax.data.build_job:run",
         ("base", "train"): "imagen_jax.train.trainer:run",
-        ("sr", "train"): "imagen_jax.train.trainer:run"}
+        ("sr", "train"): "imagen_jax.train.trainer:run",
+        ("cascade", "sample"): "imagen_jax.cascade_job:run",
+        ("cascade", "eval"): "imagen_jax.eval.eval_job:run"}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/FILE.py[:VARIANT].",
@@ -59,6 +66,9 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0; implies --distributed.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+# Prompts for a cascade's --mode=sample (they replace config.sample.prompts).
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt to sample (repeatable).")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file of prompts, one per line.")
 flags.mark_flags_as_required(["config", "workdir", "mode"])
 
 
@@ -71,8 +81,21 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; flags need a leading -- and KEY=VALUE form.")
   config, mode, workdir = _CONFIG.value, _MODE.value, _WORKDIR.value
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax and JAX log every checkpoint read and backend probe at INFO; keep the console
+    # for our own progress (pass --verbosity=0 to see them).
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    absl_logging.set_verbosity(absl_logging.WARNING)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     _fail(f"--workdir={workdir} exists and is not a directory.")
+
+  if _PROMPT.value or _PROMPTS_FILE.value:
+    if "sample" not in config:
+      _fail("--prompt/--prompts_file are for a cascade config's --mode=sample "
+            "(configs/cascade.py).")
+    with config.unlocked():
+      config.sample.prompts = tuple(_PROMPT.value or ())
+      config.sample.prompts_file = _PROMPTS_FILE.value or ""
 
   if _DISTRIBUTED.value or _COORDINATOR.value:
     _initialize_distributed()  # before anything can start a JAX backend

@@ -326,6 +326,71 @@ def check_train(config: ml_collections.ConfigDict, mode: str) -> None:
   positive_int(config, "data.workers", minimum=0)
 
 
+def check_cascade(config: ml_collections.ConfigDict, mode: str) -> None:
+  """stages, weights, per-stage overrides (unset = the stage's own value), sample."""
+  stages = get(config, "stages")
+  if not isinstance(stages, (tuple, list)) or not stages or not all(
+      isinstance(p, str) and p for p in stages):
+    raise ConfigError("stages", stages, "must list the stages' workdirs, base first",
+                      fix="pass --config.stages=\"('runs/base64', 'runs/sr256')\"")
+  one_of(config, "weights", ("ema", "params"))
+  for k in range(3):
+    section = f"stage{k}"
+    if section not in config:
+      continue
+    o = get(config, section)
+    if o.get("sampler") is not None:
+      one_of(config, f"{section}.sampler", sorted(samplers.METHODS))
+    if o.get("steps") is not None:
+      positive_int(config, f"{section}.steps")
+    if o.get("thresholding") is not None:
+      one_of(config, f"{section}.thresholding", ("dynamic", "static", "none"))
+    if o.get("guidance") is not None:
+      number(config, f"{section}.guidance", low=0.0)
+    if o.get("aug_t") is not None and not 0.0 <= number(config, f"{section}.aug_t") <= 1.0:
+      raise ConfigError(f"{section}.aug_t", o.aug_t, "is a diffusion time, so within [0, 1]")
+  for axis in ("data", "fsdp", "tensor"):
+    size = integer(config, f"mesh.{axis}")
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}", size, "must be a positive size or -1 (the rest)")
+  positive_int(config, "sample.batch_size")
+  integer(config, "sample.seed")
+  n = integer(config, "sample.num_stages")
+  if not 0 <= n <= len(stages):
+    raise ConfigError("sample.num_stages", n,
+                      f"must lie in [0, {len(stages)}] (0 = all {len(stages)} stages)")
+
+
+def check_cascade_eval(config: ml_collections.ConfigDict, mode: str) -> None:
+  """eval: the guidance sweep, sample and reference counts, the measured stage, alignment."""
+  if mode != "eval":
+    return
+  weights = get(config, "eval.guidance_weights")
+  if not weights or not all(_is_number(w) and w >= 0 for w in weights):
+    raise ConfigError("eval.guidance_weights", weights, "must list weights >= 0",
+                      fix="pass e.g. --config.eval.guidance_weights='(1.0, 3.0, 5.0)'")
+  positive_int(config, "eval.num_images", minimum=2)
+  integer(config, "eval.seed")
+  positive_int(config, "eval.batch_size")
+  positive_int(config, "eval.grid_size")
+  stage = integer(config, "eval.fid_stage")
+  if not 0 <= stage < len(get(config, "stages")):
+    raise ConfigError("eval.fid_stage", stage,
+                      f"names a stage, so must lie in [0, {len(get(config, 'stages')) - 1}]")
+  limit = integer(config, "eval.reference_limit")
+  if limit != 0 and limit < 2:
+    raise ConfigError("eval.reference_limit", limit, "must be 0 (all) or >= 2 (covariances)")
+  if not (_is_int(get(config, "eval.alignment.train_limit")) and
+          get(config, "eval.alignment.train_limit") >= 0):
+    raise ConfigError("eval.alignment.train_limit", get(config, "eval.alignment.train_limit"),
+                      "must be an integer >= 0 (0 = the whole train split)")
+  for key in ("dim", "steps", "batch_size"):
+    positive_int(config, f"eval.alignment.{key}")
+  positive_int(config, "eval.alignment.candidates", minimum=2)
+  number(config, "eval.alignment.lr", low=0.0, strict=True)
+  number(config, "eval.alignment.weight_decay", low=0.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
   """What a config `kind` can run (`modes`) and the checks its config must pass."""
@@ -341,15 +406,19 @@ KINDS: dict[str, Kind] = {
         checks=(check_gmm_data, check_schedule, check_sampler, check_eval_samples),
         why="the Gaussian-mixture testbed uses its exact denoiser, so there is no "
             "network to train, evaluate or precompute inputs for"),
-    # Network configs: sampling and evaluation arrive with the cascade.
+    # Network configs: a stage is trained alone, then sampled and evaluated in a cascade.
     "base": Kind(modes=("build_data", "precompute", "train"),
                  checks=(check_model, check_data, check_text, check_schedule, check_sampler,
                          check_train),
-                 why="sampling and evaluation of trained stages arrive with the cascade"),
+                 why="trained stages are sampled and evaluated together through "
+                     "configs/cascade.py"),
     "sr": Kind(modes=("build_data", "precompute", "train"),
                checks=(check_model, check_data, check_text, check_schedule, check_sampler,
                        check_train),
-               why="sampling and evaluation of trained stages arrive with the cascade"),
+               why="trained stages are sampled and evaluated together through "
+                   "configs/cascade.py"),
+    "cascade": Kind(modes=("sample", "eval"), checks=(check_cascade, check_cascade_eval),
+                    why="it combines stages trained with their own configs"),
 }
 
 

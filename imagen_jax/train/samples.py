@@ -13,6 +13,12 @@ An SR stage (config.kind == "sr") is conditioned on `lowres` noise-augmented to 
 time config.diffusion.noise_aug.sample_t. It samples at the full config.data.resolution
 even when it trained on crops: the Efficient U-Net is fully convolutional.
 
+`rng` is one PRNG key, or a batch of keys [N] (one per image): then image i's starting
+noise and low-res augmentation noise come from key i alone, so with a deterministic
+sampler (dpmpp_*, ddim eta=0, heun without churn) an image does not depend on which other
+prompts share its batch (the cascade relies on this to make every image regenerable).
+Stochastic sampler steps draw from the first key's stream for the whole batch.
+
 The images are the sampler's final x0_hat: within [-1, 1] when thresholding is on; with
 thresholding "none" they may overshoot, and `logging.image_grid` clips them for display.
 """
@@ -109,10 +115,22 @@ def make_sample_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     model.eval()  # dropout off
     n = text.shape[0]
     text_mask = jnp.asarray(text_mask, bool)
-    rng, aug_key = jax.random.split(rng)
+    shape = (n, res, res, channels)
+    x_init = None
+    if rng.ndim == 1:  # one key per image (see the module docstring)
+      keys = jax.vmap(lambda k: jax.random.split(k, 3))(rng)
+      x_init = jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(keys[:, 0])
+      aug_noise = (jax.vmap(lambda k: jax.random.normal(k, lowres.shape[1:], jnp.float32))(
+          keys[:, 1]) if is_sr else None)
+      rng = keys[0, 2]
+    else:
+      rng, aug_key = jax.random.split(rng)
+      aug_noise = (jax.random.normal(aug_key, lowres.shape, jnp.float32) if is_sr else None)
     extra = ()
     if is_sr:
-      extra = guidance.noise_augment(aug_key, lowres.astype(jnp.float32), aug_t, schedule)
+      aug_logsnr = schedule.logsnr(jnp.full((n,), aug_t, jnp.float32))
+      extra = (objectives.diffuse(lowres.astype(jnp.float32), aug_noise, aug_logsnr),
+               aug_logsnr)
 
     if branches != "both":
       # One pass: the conditional model (w = 1) or the unconditional one (w = 0).
@@ -133,7 +151,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
       denoise = guidance.cfg_denoise_fn(pred_fn, scale=scale, target=target)
 
     denoise = guidance.thresholded(denoise, threshold, percentile)
-    out = samplers.sample(denoise, schedule, rng, (n, res, res, channels), **kw)
+    out = samplers.sample(denoise, schedule, rng, shape, x_init=x_init, **kw)
     return out.x.astype(jnp.float32)
 
   def fn(params, text: Array, text_mask: Array, rng: Array, lowres: Array | None = None,

@@ -1,0 +1,91 @@
+r"""The cascade of trained stages: sampling from text, and its evaluation.
+
+  python launch.py --config=configs/cascade.py:demo --workdir=runs/demo/cascade --mode=sample \
+      --prompt="rocket, twemoji style" --prompt="red apple, openmoji style"
+  python launch.py --config=configs/cascade.py:demo --workdir=runs/demo/eval --mode=eval
+
+`stages` lists the stages' training workdirs (or checkpoints directories), base first; each
+stage brings the config it was trained with (sampler, steps, guidance, thresholding,
+noise augmentation, text encoder), and `stage0`..`stage2` override any of those per stage
+(unset = the stage's own value), e.g. --config.stage1.steps=8 --config.stage2.aug_t=0.1.
+
+--mode=sample runs `sample.prompts` (or --prompt, or --prompts_file with one prompt per line)
+through the first `sample.num_stages` stages (0 = all) and writes PNGs, captioned grids and
+settings.json (see imagen_jax/cascade.py).
+
+--mode=eval (imagen_jax/eval/eval_job.py) follows Imagen's Figure 4 protocol at small scale:
+for each weight in eval.guidance_weights it samples eval.num_images held-out captions
+through stages 0..eval.fid_stage, and measures FID against that stage's held-out images
+and text-image alignment: CLIP score when eval.clip names CLIP weights, else the offline
+alignment score (imagen_jax/eval/alignment.py). It writes results.csv, results.md, the
+FID-vs-alignment plot, a sample grid per weight and report.md.
+
+Variants (after the colon):
+  demo   what `make demo` evaluates: the three runs/demo stages (64 -> 256 -> 1024)
+  emoji  the emoji research configs' workdirs (runs/base64, runs/sr256, runs/sr1024)
+  smoke  for tests: stage paths are given with --config.stages
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+VARIANTS = ("demo", "emoji", "smoke")
+
+
+def _overrides() -> ml_collections.ConfigDict:
+  # Unset (None) keeps the stage's own value; see imagen_jax.cascade.StageSettings.
+  return ml_collections.ConfigDict(dict(
+      sampler=placeholder(str), steps=placeholder(int), guidance=placeholder(float),
+      thresholding=placeholder(str), aug_t=placeholder(float)))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "demo"
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown variant {variant!r} of configs/cascade.py; choose one of {VARIANTS}.")
+
+  c = ml_collections.ConfigDict()
+  c.kind = "cascade"
+  c.variant = variant
+  c.stages = ("runs/base64", "runs/sr256", "runs/sr1024")
+  c.weights = "ema"  # "ema" (the slowest-decaying EMA) or "params"
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.stage0 = _overrides()
+  c.stage1 = _overrides()
+  c.stage2 = _overrides()
+
+  # batch_size is per sampling call, rounded up to a multiple of the device count.
+  c.sample = dict(prompts=("grinning face, twemoji style", "red apple, openmoji style",
+                           "rocket, twemoji style", "cat face, openmoji style"),
+                  prompts_file="", seed=0, batch_size=8, num_stages=0)
+
+  # Evaluation: a guidance sweep of the stage-0 weight. num_images held-out captions are
+  # sampled per weight; FID compares stage fid_stage's samples with reference_limit
+  # (0 = all) held-out images of that stage's dataset (data_dir "" = the stage's own).
+  # clip: a Hugging Face CLIP directory for CLIP score; "" uses the offline alignment
+  # score, trained on alignment.train_limit (0 = all) training pairs. cascade_samples:
+  # also run sample.prompts through every stage for report.md.
+  c.eval = dict(guidance_weights=(1.0, 3.0, 5.0), num_images=1000, seed=1234, fid_stage=0,
+                batch_size=64, reference_limit=0, data_dir="", clip="", inception="",
+                grid_size=16, cascade_samples=True, cache_dir="",
+                alignment=dict(train_limit=0, dim=256, steps=1500, batch_size=512, lr=1e-3,
+                               weight_decay=1e-4, candidates=100, seed=0))
+
+  if variant == "demo":
+    c.stages = ("runs/demo/base64", "runs/demo/sr256", "runs/demo/sr1024")
+    # The demo stages train for about a hundred steps, where an EMA of decay 0.99 is
+    # still about half the initialisation: sample the trained weights themselves.
+    c.weights = "params"
+    c.eval.update(guidance_weights=(1.0, 3.0), num_images=48, reference_limit=200,
+                  alignment=dict(train_limit=400, dim=128, steps=600, batch_size=256,
+                                 lr=1e-3, weight_decay=1e-4, candidates=100, seed=0))
+  elif variant == "smoke":
+    c.stages = ()
+    c.sample.update(batch_size=4)
+    c.eval.update(guidance_weights=(1.0, 3.0), num_images=8, reference_limit=8,
+                  batch_size=8, grid_size=4,
+                  alignment=dict(train_limit=16, dim=8, steps=20, batch_size=16, lr=1e-2,
+                                 weight_decay=0.0, candidates=4, seed=0))
+  return c
