@@ -9,6 +9,9 @@ no self-attention, only text cross-attention at its lowest level.
 Variants (after the colon):
   emoji  small CPU demo on emoji captions, MiniLM text (384-d): 256 -> 1024 on 64x64
          crops (16x16 low-res crops); 11,354,371 params
+  demo   what `make demo` trains on a CPU for a couple of minutes: 256 -> 1024 on 64x64
+         crops of a small emoji subset (48 drawings per style and split), a narrow
+         network (8 channels); it samples whole 1024x1024 images in 4 steps
   smoke  seconds-long forward/backward on CPU for tests: 8 -> 32, 123,075 params
   400m   paper scale, T5-XXL text (4096-d): 393,561,859 params
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import ml_collections
 
-VARIANTS = ("emoji", "smoke", "400m")
+VARIANTS = ("emoji", "demo", "smoke", "400m")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -103,6 +106,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    head_dim=16, dropout=0.0)
     c.data.update(low_resolution=8, resolution=32, crop=None, max_text_len=8,
                   text_encoder="random-t5:tiny", limit=4)
+  elif variant == "demo":
+    c.model.update(channels=8, num_res_blocks=(1, 1, 2, 2), dropout=0.0)
+    c.data.update(limit=48)
+    c.train.update(batch_size=16, time_limit_s=60)
+    c.optim.update(lr=1e-3, warmup_steps=20, ema_decays=(0.99,))
+    # v-prediction, as the base demo (configs/base64.py says why).
+    c.diffusion.update(target="v", weighting="v")
+    c.ckpt.update(every=25)
+    c.log.update(every=5, sample_every=0)
+    c.diffusion.sampler.update(steps=4)
   elif variant == "400m":
     c.model.update(channels=128, channel_mult=(1, 2, 4, 5, 5), num_res_blocks=(2, 4, 8, 8, 4),
                    cross_attn_levels=(4,), self_attn_levels=(), text_dim=4096,

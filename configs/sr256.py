@@ -105,8 +105,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   text_encoder="random-t5:tiny", limit=4)
   elif variant == "demo":
     c.model.update(channels=16, num_res_blocks=(1, 1, 2, 2), dropout=0.0)
-    c.train.update(batch_size=16, time_limit_s=180)
-    c.optim.update(lr=3e-4, warmup_steps=20, ema_decays=(0.99,))
+    c.train.update(batch_size=16, time_limit_s=120)
+    c.optim.update(lr=1e-3, warmup_steps=20, ema_decays=(0.99,))
+    # v-prediction, as the base demo (configs/base64.py says why).
+    c.diffusion.update(target="v", weighting="v")
     c.ckpt.update(every=25)
     c.log.update(every=5, sample_every=1000)
     c.diffusion.sampler.update(steps=8)

@@ -1,0 +1,334 @@
+"""`--mode=eval` for configs/cascade.py: a guidance sweep scored by FID and text alignment.
+
+  python launch.py --config=configs/cascade.py:demo --workdir=runs/demo/eval --mode=eval
+
+Imagen's Figure 4 protocol at the scale of the config: for each weight w in
+eval.guidance_weights, eval.num_images held-out captions are sampled through stages
+0..eval.fid_stage with stage 0's guidance set to w (the other stages keep theirs), then
+
+  FID        Inception pool3 statistics of the samples vs eval.reference_limit held-out
+             images of stage fid_stage's dataset (imagen_jax.eval.fid);
+  alignment  CLIP score of samples and prompts when eval.clip names CLIP weights
+             (imagen_jax.eval.clip_score), else the offline alignment score and its
+             R-precision (imagen_jax.eval.alignment), trained on the train split.
+
+Two reference points frame the curve: the FID between train and held-out images (a floor
+no generator of this data should beat) and the alignment of real held-out pairs (the
+ceiling). Outputs in WORKDIR:
+
+  results.csv / results.md / results.json   one row per guidance weight
+  fid_vs_alignment.png                      the Pareto curve (or fid_vs_clip.png)
+  samples/guidance_W/                       every sample (PNG), a captioned grid, settings
+  cascade/                                  sample.prompts through every stage (64/256/1024)
+  report.md                                 all of the above on one page
+  cache/                                    Inception features of the real splits and the
+                                            alignment model, reused by later runs
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+
+from imagen_jax import cascade as cascade_lib
+from imagen_jax import cascade_job
+from imagen_jax.data import datasets
+from imagen_jax.errors import UserError
+from imagen_jax.eval import alignment as align_lib
+from imagen_jax.eval import fid as fid_lib
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _pick(n: int, limit: int) -> np.ndarray:
+  """`limit` indices spread evenly over [0, n) (all when limit is 0 or >= n)."""
+  if not limit or limit >= n:
+    return np.arange(n)
+  return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
+
+
+def split_features(data_cfg: Any, split: str, limit: int, cache_dir: str, *,
+                   inception: str | None, batch_size: int) -> tuple[np.ndarray, list[str]]:
+  """Inception pool3 features and captions of (up to `limit` of) a built split, cached in
+  cache_dir under a key of the dataset, split, resolution, limit and weights."""
+  source = datasets.data_source(data_cfg, split)
+  idx = _pick(len(source), int(limit))
+  key = align_lib.cache_key(kind="features", dataset=data_cfg.dataset,
+                            data_dir=datasets.data_dir(data_cfg), split=split,
+                            resolution=int(data_cfg.resolution), limit=int(limit),
+                            records=len(source), dataset_limit=data_cfg.get("limit", 0),
+                            inception=inception or "default")
+  path = os.path.join(cache_dir, f"features-{split}-{key}.npz")
+  if os.path.isfile(path):
+    with np.load(path) as z:
+      return z["features"], [str(c) for c in z["captions"]]
+  images = np.stack([np.asarray(source[int(i)]["image"]) for i in idx])
+  captions = [_text(source[int(i)]["caption"]) for i in idx]
+  print(f"Inception features of {len(idx)} {split} images ({images.shape[1]}px) -> {path}")
+  feats = fid_lib.inception_features(images, batch_size=batch_size, weights=inception or None)
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, features=feats, captions=np.asarray(captions))
+  os.replace(tmp, path)
+  return feats, captions
+
+
+def eval_prompts(captions: Sequence[str], n: int, seed: int) -> list[str]:
+  """n held-out captions: a seeded permutation, repeated when n exceeds the split."""
+  order = np.random.default_rng(seed).permutation(len(captions))
+  return [captions[order[i % len(order)]] for i in range(n)]
+
+
+class _AlignmentScorer:
+  """The offline score: a contrastive model over Inception + MiniLM features."""
+
+  name = "alignment"
+
+  def __init__(self, ec, data_cfg, cache_dir: str, train_feats, train_caps, ref_caps):
+    ac = ec.alignment
+    self.candidates, self.seed = int(ac.candidates), int(ac.seed)
+    self._text_cache: dict[str, np.ndarray] = {}
+    key = align_lib.cache_key(kind="alignment", dataset=data_cfg.dataset,
+                              resolution=int(data_cfg.resolution),
+                              train=[len(train_caps), train_caps[:3]],
+                              settings=ac.to_dict(), inception=ec.inception or "default")
+    path = os.path.join(cache_dir, f"alignment-{key}.npz")
+    if os.path.isfile(path):
+      self.model = align_lib.AlignmentModel.load(path)
+    else:
+      self.model = align_lib.train(
+          train_feats, self.text(train_caps), dim=int(ac.dim), steps=int(ac.steps),
+          batch_size=int(ac.batch_size), lr=float(ac.lr),
+          weight_decay=float(ac.weight_decay), seed=int(ac.seed),
+          meta={"dataset": data_cfg.dataset, "resolution": int(data_cfg.resolution)})
+      self.model.save(path)
+    self.path = path
+    self.pool_caps = list(ref_caps)
+    self.pool_feats = self.text(self.pool_caps)
+
+  def text(self, captions: Sequence[str]) -> np.ndarray:
+    missing = sorted({c for c in captions if c not in self._text_cache})
+    if missing:
+      for c, f in zip(missing, align_lib.text_features(missing)):
+        self._text_cache[c] = f
+    return np.stack([self._text_cache[c] for c in captions])
+
+  def score(self, image_feats: np.ndarray, images: np.ndarray, prompts: Sequence[str]
+            ) -> dict[str, float]:
+    del images
+    return align_lib.summary(self.model, image_feats, self.text(prompts), list(prompts),
+                             candidates=self.candidates, seed=self.seed,
+                             pool_text_features=self.pool_feats, pool_captions=self.pool_caps)
+
+
+class _ClipScorer:
+  """CLIP score (torchmetrics' definition) with user-supplied CLIP weights."""
+
+  name = "clip_score"
+
+  def __init__(self, path: str):
+    from imagen_jax.eval import clip_score  # pylint: disable=g-import-not-at-top
+    self.scorer = clip_score.ClipScorer.from_spec(path)
+
+  def score(self, image_feats, images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
+    del image_feats
+    return {"clip_score": float(self.scorer.score(images, list(prompts)))}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  ec = config.eval
+  os.makedirs(workdir, exist_ok=True)
+  cache_dir = ec.cache_dir or os.path.join(workdir, "cache")
+  fid_stage = int(ec.fid_stage)
+  n_load = len(config.stages) if ec.cascade_samples else fid_stage + 1
+  cascade = cascade_job.cascade_from_config(config, n_load)
+  stage = cascade.stages[fid_stage]
+  data_cfg = ml_collections.ConfigDict(stage.config.data.to_dict())
+  if ec.data_dir:
+    data_cfg.data_dir = ec.data_dir
+  inception = ec.inception or None
+  timings: dict[str, float] = {}
+
+  began = time.perf_counter()
+  ref_feats, ref_caps = split_features(data_cfg, data_cfg.eval_split, ec.reference_limit,
+                                       cache_dir, inception=inception,
+                                       batch_size=ec.batch_size)
+  train_feats, train_caps = split_features(data_cfg, data_cfg.train_split,
+                                           ec.alignment.train_limit, cache_dir,
+                                           inception=inception, batch_size=ec.batch_size)
+  timings["real_features_s"] = time.perf_counter() - began
+  floor = fid_lib.feature_distance(train_feats, ref_feats)
+
+  began = time.perf_counter()
+  if ec.clip:
+    scorer = _ClipScorer(ec.clip)
+    ceiling = scorer.score(None, _real_images(data_cfg, data_cfg.eval_split,
+                                              ec.reference_limit), ref_caps)
+  else:
+    scorer = _AlignmentScorer(ec, data_cfg, cache_dir, train_feats, train_caps, ref_caps)
+    ceiling = scorer.score(ref_feats, None, ref_caps)
+  timings["scorer_s"] = time.perf_counter() - began
+  metric = scorer.name
+  print(f"reference: FID(train, held-out) = {floor:.2f} over {len(train_feats)} / "
+        f"{len(ref_feats)} images; real held-out pairs: " +
+        ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items()))
+
+  prompts = eval_prompts(ref_caps, int(ec.num_images), int(ec.seed))
+  base_settings = cascade_job.stage_settings(config, fid_stage + 1)
+  rows = []
+  for w in ec.guidance_weights:
+    settings = list(base_settings)
+    settings[0] = cascade_lib.StageSettings(**{**_asdict(settings[0]), "guidance": float(w)})
+    out_dir = os.path.join(workdir, "samples", f"guidance_{float(w):g}")
+    began = time.perf_counter()
+    out = cascade.generate(prompts, seed=int(ec.seed), settings=settings,
+                           num_stages=fid_stage + 1, batch_size=int(ec.batch_size),
+                           out_dir=out_dir, grid_size=int(ec.grid_size))
+    sample_s = time.perf_counter() - began
+    images = out.images[-1]
+    feats = fid_lib.inception_features(images, batch_size=ec.batch_size, weights=inception)
+    row = {"guidance": float(w), "fid": fid_lib.feature_distance(feats, ref_feats),
+           **scorer.score(feats, images, prompts), "num_images": len(images),
+           "sample_s": sample_s, "grid": os.path.relpath(
+               os.path.join(out_dir, f"grid_{images.shape[1]}px.png"), workdir)}
+    rows.append(row)
+    print(f"guidance {w:g}: FID {row['fid']:.2f}, {metric} {row[metric]:.3f}"
+          + (f", R-precision {row['r_precision']:.3f}" if "r_precision" in row else ""))
+
+  cascade_out = None
+  if ec.cascade_samples:
+    began = time.perf_counter()
+    cascade_out = cascade.generate(cascade_job.read_prompts(config.sample),
+                                   seed=int(config.sample.seed),
+                                   settings=cascade_job.stage_settings(config, n_load),
+                                   batch_size=int(config.sample.batch_size),
+                                   out_dir=os.path.join(workdir, "cascade"))
+    timings["cascade_samples_s"] = time.perf_counter() - began
+
+  result = {"metric": metric, "rows": rows, "fid_floor": floor, "ceiling": ceiling,
+            "reference_images": len(ref_feats), "train_images": len(train_feats),
+            "fid_stage": fid_stage, "resolution": stage.resolution,
+            "stages": [dict(source=s.source, step=s.step, weights=s.weights,
+                            resolution=s.resolution) for s in cascade.stages],
+            "timings": timings,
+            "cascade": None if cascade_out is None else dict(
+                grids=[f"cascade/grid_{im.shape[1]}px.png" for im in cascade_out.images],
+                seconds=cascade_out.seconds, prompts=cascade_out.prompts)}
+  if getattr(scorer, "path", None):
+    result["alignment_model"] = dict(path=scorer.path, **scorer.model.meta)
+  write_results(result, workdir)
+  print(f"report: {os.path.join(workdir, 'report.md')}")
+  return result
+
+
+def _asdict(s: cascade_lib.StageSettings | None) -> dict[str, Any]:
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return dataclasses.asdict(s or cascade_lib.StageSettings())
+
+
+def _real_images(data_cfg, split: str, limit: int) -> np.ndarray:
+  source = datasets.data_source(data_cfg, split)
+  return np.stack([np.asarray(source[int(i)]["image"]) for i in _pick(len(source), limit)])
+
+
+# -- outputs -------------------------------------------------------------------------------
+
+def write_results(result: dict[str, Any], workdir: str) -> None:
+  rows, metric = result["rows"], result["metric"]
+  cols = ["guidance", "fid", metric] + (["r_precision"] if metric == "alignment" else []) + [
+      "num_images", "sample_s"]
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(cols)
+    for r in rows:
+      w.writerow([r[c] for c in cols])
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(result, f, indent=2, default=float)
+  table = _markdown_table(rows, cols)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table)
+  plot = plot_pareto(rows, metric, os.path.join(workdir, f"fid_vs_{metric}.png"),
+                     floor=result["fid_floor"], ceiling=result["ceiling"].get(metric))
+  write_report(result, workdir, table, plot)
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, float):
+    return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+  return str(v)
+
+
+def _markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def plot_pareto(rows: list[dict[str, Any]], metric: str, path: str, *,
+                floor: float | None = None, ceiling: float | None = None) -> str:
+  """FID (down is better) against the alignment metric (right is better), one point per
+  guidance weight, joined in weight order: Imagen's Figure 4 axes."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  xs = [r[metric] for r in rows]
+  ys = [r["fid"] for r in rows]
+  ax.plot(xs, ys, "o-", color="tab:blue", label="samples")
+  for r, x, y in zip(rows, xs, ys):
+    ax.annotate(f"w={r['guidance']:g}", (x, y), textcoords="offset points", xytext=(5, 5),
+                fontsize=8)
+  if floor is not None:
+    ax.axhline(floor, color="tab:green", ls="--", lw=1, label="FID train vs held-out")
+  if ceiling is not None:
+    ax.axvline(ceiling, color="tab:orange", ls="--", lw=1, label=f"{metric} of real pairs")
+  ax.set_xlabel("CLIP score" if metric == "clip_score" else
+                "alignment score (offline model, not CLIP)")
+  ax.set_ylabel("FID")
+  ax.set_title("FID vs text alignment over guidance weights")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def write_report(result: dict[str, Any], workdir: str, table: str, plot: str) -> str:
+  metric = result["metric"]
+  lines = ["# Cascade evaluation", ""]
+  lines.append("Stages: " + "; ".join(
+      f"{s['resolution']}px from {s['source']} (step {s['step']}, {s['weights']})"
+      for s in result["stages"]) + ".")
+  lines.append("")
+  if result.get("cascade"):
+    c = result["cascade"]
+    lines += ["## Samples through the cascade", ""]
+    lines.append("Prompts: " + "; ".join(f"{i + 1}. {p}" for i, p in enumerate(c["prompts"])))
+    lines.append("")
+    for grid, secs in zip(c["grids"], c["seconds"]):
+      lines += [f"![{grid}]({grid})", "",
+                f"{os.path.basename(grid)}: {secs:.1f} s (compilation included)", ""]
+  lines += [f"## Guidance sweep at {result['resolution']}px (stage {result['fid_stage']})", "",
+            f"FID against {result['reference_images']} held-out images; "
+            + ("CLIP score (torchmetrics' definition)." if metric == "clip_score" else
+               "alignment score and R-precision from the offline alignment model "
+               "(imagen_jax/eval/alignment.py; not CLIP score)."), "", table, "",
+            f"Floor: FID(train, held-out) = {result['fid_floor']:.2f} "
+            f"({result['train_images']} train images). Ceiling on real held-out pairs: "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in result["ceiling"].items()) + ".", "",
+            f"![{os.path.basename(plot)}]({os.path.basename(plot)})", ""]
+  for r in result["rows"]:
+    lines += [f"Guidance {r['guidance']:g}:", "", f"![{r['grid']}]({r['grid']})", ""]
+  path = os.path.join(workdir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+  return path
