@@ -23,6 +23,17 @@ def launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=timeout)
 
 
+def as_result(proc: subprocess.CompletedProcess) -> dict:
+  """A launch's outcome as JSON (for results shared between xdist workers: run_once)."""
+  return {"args": list(proc.args), "returncode": proc.returncode, "stdout": proc.stdout,
+          "stderr": proc.stderr}
+
+
+def completed(result: dict) -> subprocess.CompletedProcess:
+  return subprocess.CompletedProcess(result["args"], result["returncode"], result["stdout"],
+                                     result["stderr"])
+
+
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
   """Exit status 2, no traceback, one paragraph on stderr containing every fragment."""
   assert proc.returncode == 2, proc.stderr

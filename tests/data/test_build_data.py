@@ -27,34 +27,27 @@ def smoke(name: str, data_dir: pathlib.Path):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  data_dir = root / "tfds"
-  runs = {}
-  for name in ("base64", "sr256"):
-    workdir = root / name
-    proc = launch(f"--config=configs/{name}.py:smoke", f"--workdir={workdir}",
-                  "--mode=build_data", f"--config.data.data_dir={data_dir}")
-    assert proc.returncode == 0, proc.stderr
-    runs[name] = (workdir, proc)
-  return root, data_dir, runs
+def built(smoke_data):
+  """(data_dir, {"base64"|"sr256": (workdir, proc of the build run)}): built once per
+  session by conftest's smoke_data (the trainer tests train on the same datasets)."""
+  return smoke_data
 
 
-def test_build_data_reports_where_and_what(built):
-  _, data_dir, runs = built
+def test_build_data_reports_where_and_what(built, tmp_path):
+  data_dir, runs = built
   workdir, proc = runs["base64"]
   summary = json.loads((workdir / "build_data.json").read_text())
   assert summary["path"].startswith(str(data_dir)) and str(data_dir) in proc.stdout
   # limit=4: at most 4 drawings per style in each split, two styles.
   assert summary["splits"] == {"train": 8, "test": 8}
   # A second run finds it built and leaves it alone.
-  again = launch("--config=configs/base64.py:smoke", f"--workdir={workdir}",
+  again = launch("--config=configs/base64.py:smoke", f"--workdir={tmp_path}",
                  "--mode=build_data", f"--config.data.data_dir={data_dir}")
   assert again.returncode == 0 and "already built" in again.stdout
 
 
 def test_pipelines_read_the_built_data(built):
-  _, data_dir, _ = built
+  data_dir, _ = built
   base = smoke("base64", data_dir)
   source = datasets.data_source(base.data, "train")
   batch = next(iter(pipeline.make_pipeline(base.data, source, stage="base", batch_size=2,
@@ -69,9 +62,9 @@ def test_pipelines_read_the_built_data(built):
   assert batch["image"].shape == (2, 32, 32, 3) and batch["lowres"].shape == (2, 8, 8, 3)
 
 
-def test_precompute_encodes_the_dataset_captions(built):
-  root, data_dir, _ = built
-  workdir = root / "precompute"
+def test_precompute_encodes_the_dataset_captions(built, tmp_path):
+  data_dir, _ = built
+  workdir = tmp_path / "precompute"
   proc = launch("--config=configs/base64.py:smoke", f"--workdir={workdir}",
                 "--mode=precompute", f"--config.data.data_dir={data_dir}")
   assert proc.returncode == 0, proc.stderr
