@@ -283,6 +283,14 @@ def check_data(config: ml_collections.ConfigDict, mode: str) -> None:
                             "same-stem .txt captions, or a metadata.jsonl/csv manifest)")
 
 
+def check_mesh_sizes(config: ml_collections.ConfigDict) -> None:
+  """mesh.data/fsdp/tensor: positive sizes or -1 (the devices are checked at run time)."""
+  for axis in ("data", "fsdp", "tensor"):
+    size = integer(config, f"mesh.{axis}")
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{axis}", size, "must be a positive size or -1 (the rest)")
+
+
 def check_train(config: ml_collections.ConfigDict, mode: str) -> None:
   """train, optim, mesh, ckpt, log: types and ranges (the mesh against the devices and the
   batch against the mesh are checked by the trainer, which knows the devices)."""
@@ -307,10 +315,7 @@ def check_train(config: ml_collections.ConfigDict, mode: str) -> None:
   if not all(_is_number(d) and 0 < d < 1 for d in decays):
     raise ConfigError("optim.ema_decays", decays, "each EMA decay must lie in (0, 1)",
                       fix="pass e.g. --config.optim.ema_decays='(0.9999,)'")
-  for axis in ("data", "fsdp", "tensor"):
-    size = integer(config, f"mesh.{axis}")
-    if size == 0 or size < -1:
-      raise ConfigError(f"mesh.{axis}", size, "must be a positive size or -1 (the rest)")
+  check_mesh_sizes(config)
   positive_int(config, "ckpt.every")
   positive_int(config, "ckpt.keep")
   if not (_is_int(get(config, "ckpt.keep_every")) and get(config, "ckpt.keep_every") >= 0):
@@ -349,10 +354,7 @@ def check_cascade(config: ml_collections.ConfigDict, mode: str) -> None:
       number(config, f"{section}.guidance", low=0.0)
     if o.get("aug_t") is not None and not 0.0 <= number(config, f"{section}.aug_t") <= 1.0:
       raise ConfigError(f"{section}.aug_t", o.aug_t, "is a diffusion time, so within [0, 1]")
-  for axis in ("data", "fsdp", "tensor"):
-    size = integer(config, f"mesh.{axis}")
-    if size == 0 or size < -1:
-      raise ConfigError(f"mesh.{axis}", size, "must be a positive size or -1 (the rest)")
+  check_mesh_sizes(config)
   positive_int(config, "sample.batch_size")
   integer(config, "sample.seed")
   n = integer(config, "sample.num_stages")
