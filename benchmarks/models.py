@@ -1,4 +1,4 @@
-r"""Parameters, FLOPs per image and CPU step times of every network config.
+r"""Parameters, FLOPs and activation memory per image, and CPU step times of every network.
 
   python benchmarks/models.py              # every config; paper scale shape-only
   python benchmarks/models.py --only smoke,emoji
@@ -6,9 +6,13 @@ r"""Parameters, FLOPs per image and CPU step times of every network config.
 For each config variant: the parameter count (from `nnx.eval_shape`, no memory), FLOPs
 per image of a forward pass and of a train step (forward + backward of an eps-MSE loss),
 both from XLA's cost analysis of the jitted function lowered on abstract shapes (so the
-2B model costs no memory), and, for the configs small enough for this machine, the
-measured forward and train-step time at a small batch. Writes
-benchmarks/results/models.{md,csv} and prints the table.
+2B model costs no memory); activation memory per image, as XLA's memory analysis of the
+compiled program's temporaries (everything but parameters, inputs and outputs) at batch
+1: for the train step at the training resolution (SR crops), and for one sampling
+forward pass at the stage's full output resolution (where an SR stage runs when it
+samples); and, for the configs small enough for this machine, the measured forward and
+train-step time at a small batch. Writes benchmarks/results/models.{md,csv} and prints
+the table.
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ from imagen_jax.models import build_model, count_params, example_inputs
 # (config file, variant, batch for timing or None for shape-only). Timed at batch 2 on
 # CPU; paper-scale configs are only measured abstractly.
 RUNS = (
-    ("configs/base64.py", "smoke", 2), ("configs/base64.py", "emoji", 2),
+    ("configs/base64.py", "smoke", 2), ("configs/base64.py", "demo", 2),
+    ("configs/base64.py", "emoji", 2),
     ("configs/base64.py", "500m", None), ("configs/base64.py", "2b", None),
-    ("configs/sr256.py", "smoke", 2), ("configs/sr256.py", "emoji", 2),
+    ("configs/sr256.py", "smoke", 2), ("configs/sr256.py", "demo", 2),
+    ("configs/sr256.py", "emoji", 2),
     ("configs/sr256.py", "600m", None),
-    ("configs/sr1024.py", "smoke", 2), ("configs/sr1024.py", "emoji", 2),
+    ("configs/sr1024.py", "smoke", 2), ("configs/sr1024.py", "demo", 2),
+    ("configs/sr1024.py", "emoji", 2),
     ("configs/sr1024.py", "400m", None),
 )
 
@@ -55,6 +62,11 @@ def sizes(config) -> tuple[int, int | None]:
     return d.resolution, None
   res = d.crop or d.resolution
   return res, res * d.low_resolution // d.resolution
+
+
+def _temp_mib(lowered) -> float:
+  """MiB of temporaries (activations, gradients in flight) of the compiled program."""
+  return lowered.compile().memory_analysis().temp_size_in_bytes / 2**20
 
 
 def _flops(lowered) -> float:
@@ -87,10 +99,19 @@ def measure(path: str, variant: str, batch: int | None) -> dict[str, Any]:
   opt = optax.adamw(1e-4)
   fwd, step = jax.jit(forward), jax.jit(train_step)
   abs_opt = jax.eval_shape(opt.init, params)
+  step_lowered = step.lower(params, rest, abs_opt, *abs_inputs)
+  # Sampling runs the whole image (SR stages train on crops but sample full frames).
+  full = config.data.resolution
+  one = example_inputs(config.model, 1, full, config.data.max_text_len,
+                       lowres=None if config.kind == "base" else config.data.low_resolution)
+  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), one)
   row = {"config": f"{os.path.basename(path)}:{variant}", "params": n_params,
          "resolution": res,
          "fwd_gflops_per_image": _flops(fwd.lower(params, rest, *abs_inputs)) / b / 1e9,
-         "train_gflops_per_image": _flops(step.lower(params, rest, abs_opt, *abs_inputs)) / b / 1e9}
+         "train_gflops_per_image": _flops(step_lowered) / b / 1e9,
+         "train_act_mib_per_image": _temp_mib(step_lowered) / b,
+         "sample_resolution": full,
+         "sample_act_mib": _temp_mib(fwd.lower(params, rest, *one))}
   if batch:
     model = build_model(config.model, nnx.Rngs(0))
     _, p, r = nnx.split(model, nnx.Param, ...)
@@ -112,25 +133,34 @@ def _time(fn, reps: int = 3) -> float:
 def write(rows, out_dir: str) -> str:
   os.makedirs(out_dir, exist_ok=True)
   fields = ["config", "params", "resolution", "fwd_gflops_per_image", "train_gflops_per_image",
-            "batch", "fwd_ms", "train_ms"]
+            "train_act_mib_per_image", "sample_resolution", "sample_act_mib", "batch", "fwd_ms",
+            "train_ms"]
   with open(os.path.join(out_dir, "models.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=fields)
     w.writeheader()
     w.writerows([{k: r.get(k, "") for k in fields} for r in rows])
   fmt = lambda v, p: "" if v is None else (f"{v:,.{p}f}" if isinstance(v, float) else f"{v:,}")
-  lines = ["| config | params | resolution | fwd GFLOP/img | train GFLOP/img | CPU fwd ms (batch) | CPU train ms (batch) |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  lines = ["| config | params | resolution | fwd GFLOP/img | train GFLOP/img | "
+           "train act. MiB/img | sampling act. MiB (resolution) | CPU fwd ms (batch) | "
+           "CPU train ms (batch) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for r in rows:
     bt = f" ({r['batch']})" if r.get("batch") else ""
     lines.append(f"| {r['config']} | {r['params']:,} | {r['resolution']} | "
                  f"{fmt(r['fwd_gflops_per_image'], 2)} | {fmt(r['train_gflops_per_image'], 2)} | "
+                 f"{fmt(r['train_act_mib_per_image'], 1)} | "
+                 f"{fmt(r['sample_act_mib'], 1)} ({r['sample_resolution']}) | "
                  f"{fmt(r.get('fwd_ms'), 0)}{bt} | {fmt(r.get('train_ms'), 0)}{bt} |")
   table = "\n".join(lines)
   with open(os.path.join(out_dir, "models.md"), "w") as f:
     f.write("# Network sizes and costs\n\nProduced by `python benchmarks/models.py` "
             f"(jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores). "
             "FLOPs from XLA's cost analysis at each config's max_text_len; a train step is "
-            "forward + backward + AdamW. SR networks are costed at their training crop.\n\n"
+            "forward + backward + AdamW. SR networks are costed at their training crop. "
+            "Activation memory is XLA's temp allocation of the compiled CPU program at "
+            "batch 1 (paper configs with their remat setting): the train step at the "
+            "training resolution, and one sampling forward pass at the stage's output "
+            "resolution. CPU times are the mean of 3 calls after a warm-up.\n\n"
             + table + "\n")
   return table
 

@@ -7,15 +7,17 @@ Variants (after the colon):
   demo   what `make demo` trains on a CPU for a few minutes: the emoji data at 64x64 with
          a narrow network (32 channels, one res block per level, attention at 8x8)
   smoke  seconds-long forward/backward on CPU for tests: 16x16, 798,115 params
-  500m   paper scale, T5-XXL text (4096-d): 513,791,491 params
-  2b     paper scale, T5-XXL text (4096-d): 2,123,799,299 params
+  500m   paper scale, T5-XXL text (4096-d): 548,759,555 params (+9.8%)
+  2b     paper scale, T5-XXL text (4096-d): 2,155,545,603 params (+7.8%)
 
-The paper-scale sizes follow NVIDIA JAX-Toolbox's Imagen base configs (3 res blocks per
-level, multipliers (1,2,3,4), attention at 32/16/8, 512 / 256 channels). Our attention
-layers read the 4096-d T5 tokens directly rather than through one shared projection, so
-those exact settings give 2.29B / 670M here; they are narrowed to land within 10% of the
-nominal size: 2b uses 448 channels with multipliers (1,2,4,4); 500m uses 2 res blocks.
-The counts above are asserted by tests/models/test_unet.py.
+The paper-scale shapes are NVIDIA JAX-Toolbox's Imagen base configs
+(`imagen_base_{500M,2B}.gin`): 256 / 512 channels, multipliers (1,2,3,4), 3 res blocks
+per level, attention at 32/16/8, conditioning width 4 x channels, and the T5 tokens
+projected once to 512 / 2048 (`text_proj_dim`, Rosetta's attn_cond_dim) for every
+attention layer to read. Our attention layers use all of a level's channels as heads of
+64 (Rosetta: 8 heads of 64), which puts both above Rosetta's counts but within 10% of the
+nominal sizes. With per-layer projections from 4096-d (text_proj_dim=0) the same shapes
+give 2.29B / 670M. The counts above are asserted by tests/models/test_unet.py.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="unet", image_size=64, in_channels=3, out_channels=3,
       channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16, 8),
       text_dim=384, cond_dim=None, head_dim=64, dropout=0.1,
-      dtype="float32", remat=False, attention_impl=None)
+      dtype="float32", remat=False, attention_impl=None,
+      # text_proj_dim 0: each attention layer projects the encoder's tokens itself; > 0:
+      # one shared LayerNorm + Dense to this width, read by every layer (Rosetta's).
+      # resample "conv": strided conv down, nearest + conv up; "shuffle": Rosetta's
+      # pixel-shuffle resampling ResBlocks.
+      text_proj_dim=0, resample="conv")
 
   c.diffusion = dict(schedule="cosine", target="eps", weighting="eps")
 
@@ -107,8 +114,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.update(text_dim=4096, attn_resolutions=(32, 16, 8), dtype="bfloat16", remat=True)
     c.data.update(text_encoder="t5:/path/to/t5-v1_1-xxl", max_text_len=128,
                   text_dtype="bfloat16")
+    # Rosetta's imagen_base_{500M,2B}.gin shapes, with its shared text projection
+    # (attn_cond_dim 512 / 2048); cond_dim None = 4 x channels, also Rosetta's.
     if variant == "500m":
-      c.model.update(channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=2)
+      c.model.update(channels=256, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                     text_proj_dim=512)
     else:
-      c.model.update(channels=448, channel_mult=(1, 2, 4, 4), num_res_blocks=3)
+      c.model.update(channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
+                     text_proj_dim=2048)
   return c

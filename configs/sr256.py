@@ -4,18 +4,18 @@ r"""Imagen super-resolution stage 1: 64x64 -> 256x256, an Efficient U-Net.
 
 Variants (after the colon):
   emoji  small research config on emoji captions, MiniLM text (384-d): 64 -> 256, trained on
-         64x64 crops with the matching 16x16 low-res crops; 16,372,675 params
+         64x64 crops with the matching 16x16 low-res crops; 16,391,171 params
   demo   what `make demo` trains on a CPU for a few minutes: emoji 64 -> 256 on 64x64 crops,
          a narrow network (16 channels); its sample grid runs at the full 256x256
-  smoke  seconds-long forward/backward on CPU for tests: 8 -> 32, 127,171 params
-  600m   paper scale, T5-XXL text (4096-d): 629,153,027 params
+  smoke  seconds-long forward/backward on CPU for tests: 8 -> 32, 131,811 params
+  600m   paper scale, T5-XXL text (4096-d): 629,448,195 params (+4.9%)
 
 600m follows NVIDIA JAX-Toolbox's `imagen_sr1_efficientunet_600M.gin`: 128 channels,
-multipliers (1,2,4,8,8), res blocks (2,4,8,8,2), cond 512, attention (self + text) at the
-two lowest levels (1/8 and 1/16 of the resolution). Our levels downsample before their
-blocks with level 0 at full resolution, and residual skips are 1x1 convs only where the
-width changes, so the same settings land at 629M here (+4.9%). The counts above are
-asserted by tests/models/test_efficient_unet.py.
+multipliers (1,2,4,8,8), res blocks (2,4,8,8,2), cond 512, strides (2,2,2,2,1) (four
+DBlocks halve the resolution; the last level stays at 1/16), attention (self + text) at
+the two lowest levels, both at 1/16 of the resolution (16x16 at 256). Residual shortcuts
+are 1x1 convs only where the width changes (skip_scaling "sum"), so the count differs
+slightly from Rosetta's. The counts above are asserted by tests/models/test_efficient_unet.py.
 """
 
 from __future__ import annotations
@@ -41,7 +41,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       channels=32, channel_mult=(1, 2, 4, 8), num_res_blocks=(1, 2, 4, 4),
       cross_attn_levels=(3,), self_attn_levels=(3,),
       text_dim=384, cond_dim=256, head_dim=32, dropout=0.1,
-      dtype="float32", remat=False, attention_impl=None)
+      dtype="float32", remat=False, attention_impl=None,
+      # Each level strides by 2 before its blocks (so level i runs at 1/2^(i+1) of the
+      # resolution) unless `strides` says otherwise; skip_scaling "sum" is (h + x)/sqrt(2)
+      # in every ResBlock (imagen_jax/models/efficient_unet.py has the other readings).
+      strides=(), skip_scaling="sum")
 
   c.diffusion = dict(
       schedule="cosine", target="eps", weighting="eps",
@@ -114,8 +118,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.sampler.update(steps=8)
   elif variant == "600m":
     c.model.update(channels=128, channel_mult=(1, 2, 4, 8, 8), num_res_blocks=(2, 4, 8, 8, 2),
-                   cross_attn_levels=(3, 4), self_attn_levels=(3, 4), text_dim=4096,
-                   cond_dim=512, head_dim=64, dtype="bfloat16", remat=True)
+                   strides=(2, 2, 2, 2, 1), cross_attn_levels=(3, 4), self_attn_levels=(3, 4),
+                   text_dim=4096, cond_dim=512, head_dim=64, dtype="bfloat16", remat=True)
     c.data.update(crop=None, text_encoder="t5:/path/to/t5-v1_1-xxl", max_text_len=128,
                   text_dtype="bfloat16")
   return c

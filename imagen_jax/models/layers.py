@@ -89,32 +89,60 @@ class CondMLP(nnx.Module):
     return self.fc2(jax.nn.silu(self.fc1(logsnr_embedding(logsnr, self.feat_dim))))
 
 
+RESIDUAL_SCALINGS = ("none", "sum", "shortcut")
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
 class ResBlock(nnx.Module):
   """GroupNorm-SiLU-conv, then GroupNorm with scale/shift from `cond`, SiLU, dropout, conv.
 
-  The last conv starts at zero, so a fresh block is the (projected) identity; the output
-  is multiplied by `skip_scale` (Efficient U-Net: 1/sqrt(2)).
+  The last conv starts at zero, so a fresh block is the (projected, rescaled) identity.
+  `residual_scaling` says where a 1/sqrt(2) goes (efficient_unet.py says which reading of
+  the paper each is): "none"; "sum", (h + shortcut) / sqrt(2), NCSN++'s `skip_rescale`;
+  "shortcut", h + shortcut / sqrt(2) with a 1x1 conv shortcut even when the width does
+  not change, as Rosetta's EfficientResBlock. Otherwise the shortcut is the identity, or a
+  1x1 conv where the width changes.
+
+  `resample` ("up" / "down") makes it a resampling block, as Rosetta's base U-Net and
+  BigGAN: one `PixelShuffleUp` / `PixelShuffleDown` is applied to both the shortcut and
+  the main branch (after its first norm and activation), with the same weights.
   """
 
   def __init__(self, cin: int, cout: int, cond_dim: int, rngs: nnx.Rngs, *, dtype: Dtype,
-               dropout: float = 0.0, skip_scale: float = 1.0, groups: int = 32):
+               dropout: float = 0.0, residual_scaling: str = "none", groups: int = 32,
+               resample: str | None = None):
+    if residual_scaling not in RESIDUAL_SCALINGS:
+      raise ValueError(f"residual_scaling {residual_scaling!r}: choose one of "
+                       f"{RESIDUAL_SCALINGS}.")
+    if resample not in (None, "up", "down"):
+      raise ValueError(f"resample {resample!r}: choose None, 'up' or 'down'.")
+    self.resample = (PixelShuffleUp(cin, rngs, dtype=dtype) if resample == "up" else
+                     PixelShuffleDown(cin, rngs, dtype=dtype) if resample == "down" else None)
     self.norm1 = group_norm(cin, rngs, dtype=dtype, groups=groups)
     self.conv1 = conv(cin, cout, 3, rngs, dtype=dtype)
     self.cond = dense(cond_dim, 2 * cout, rngs, dtype=dtype, names=("embed", "mlp"))
     self.norm2 = group_norm(cout, rngs, dtype=dtype, groups=groups)
     self.drop = nnx.Dropout(dropout, rngs=rngs)
     self.conv2 = conv(cout, cout, 3, rngs, dtype=dtype, zero=True)
-    self.skip = conv(cin, cout, 1, rngs, dtype=dtype) if cin != cout else None
-    self.skip_scale = skip_scale
+    self.skip = conv(cin, cout, 1, rngs, dtype=dtype) \
+        if cin != cout or residual_scaling == "shortcut" else None
+    self.residual_scaling = residual_scaling
     self.dtype = dtype
 
   def __call__(self, x: Array, cond: Array) -> Array:
-    h = self.conv1(jax.nn.silu(self.norm1(x)).astype(self.dtype))
+    h = jax.nn.silu(self.norm1(x)).astype(self.dtype)
+    if self.resample is not None:
+      h, x = self.resample(h), self.resample(x)
+    h = self.conv1(h)
     scale, shift = jnp.split(self.cond(jax.nn.silu(cond))[:, None, None, :], 2, axis=-1)
     h = self.norm2(h) * (1.0 + scale) + shift
     h = self.conv2(self.drop(jax.nn.silu(h).astype(self.dtype)))
     skip = self.skip(x) if self.skip is not None else x
-    return ((h + skip) * self.skip_scale).astype(self.dtype)
+    if self.residual_scaling == "sum":
+      return ((h + skip) * _INV_SQRT2).astype(self.dtype)
+    if self.residual_scaling == "shortcut":
+      return (h + skip * _INV_SQRT2).astype(self.dtype)
+    return (h + skip).astype(self.dtype)
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
@@ -214,25 +242,87 @@ class AttentionPool(nnx.Module):
 
 
 class Downsample(nnx.Module):
-  """Halves the resolution with a stride-2 3x3 convolution."""
+  """A 3x3 convolution with stride `stride` (2 halves the resolution, 1 keeps it)."""
 
-  def __init__(self, cin: int, cout: int, rngs: nnx.Rngs, *, dtype: Dtype):
-    self.conv = conv(cin, cout, 3, rngs, dtype=dtype, stride=2)
+  def __init__(self, cin: int, cout: int, rngs: nnx.Rngs, *, dtype: Dtype, stride: int = 2):
+    self.conv = conv(cin, cout, 3, rngs, dtype=dtype, stride=stride)
 
   def __call__(self, x: Array) -> Array:
     return self.conv(x)
 
 
 class Upsample(nnx.Module):
-  """Doubles the resolution: nearest-neighbour upsampling, then a 3x3 convolution."""
+  """Nearest-neighbour upsampling by `factor` (1: none), then a 3x3 convolution."""
 
-  def __init__(self, cin: int, cout: int, rngs: nnx.Rngs, *, dtype: Dtype):
+  def __init__(self, cin: int, cout: int, rngs: nnx.Rngs, *, dtype: Dtype, factor: int = 2):
     self.conv = conv(cin, cout, 3, rngs, dtype=dtype)
+    self.factor = factor
 
   def __call__(self, x: Array) -> Array:
     b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    f = self.factor
+    if f > 1:
+      x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, f, w, f, c)).reshape(
+          b, f * h, f * w, c)
     return self.conv(x)
+
+
+def pixel_unshuffle(x: Array, f: int = 2) -> Array:
+  """[B, H, W, C] -> [B, H/f, W/f, f*f*C]; channel (i*f + j)*C + c holds pixel (i, j)."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // f, w // f, f * f * c)
+
+
+def pixel_shuffle(x: Array, f: int = 2) -> Array:
+  """The inverse of `pixel_unshuffle`: [B, H, W, f*f*C] -> [B, f*H, f*W, C]."""
+  b, h, w, c = x.shape
+  c //= f * f
+  x = x.reshape(b, h, w, f, f, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * f, w * f, c)
+
+
+class PixelShuffleDown(nnx.Module):
+  """Halves the resolution losslessly (space-to-depth), then a 1x1 conv back to `ch`
+  channels: Rosetta's 'shuffle' downsampling (SP-conv, arXiv:2208.03641)."""
+
+  def __init__(self, ch: int, rngs: nnx.Rngs, *, dtype: Dtype):
+    self.conv = conv(4 * ch, ch, 1, rngs, dtype=dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return self.conv(pixel_unshuffle(x))
+
+
+class PixelShuffleUp(nnx.Module):
+  """Doubles the resolution: 1x1 conv to 4x the channels, GroupNorm, SiLU, depth-to-space
+  (Rosetta's 'shuffle' upsampling). The conv starts ICNR-initialised (Aitken et al. 2017):
+  the four sub-pixels of an output pixel get the same weights, so a fresh layer upsamples
+  like nearest neighbour instead of imprinting a checkerboard."""
+
+  def __init__(self, ch: int, rngs: nnx.Rngs, *, dtype: Dtype):
+    self.conv = conv(ch, 4 * ch, 1, rngs, dtype=dtype)
+    k = self.conv.kernel[...]
+    # Output channel (i*2 + j)*ch + c is sub-pixel (i, j) of channel c: tile, not repeat.
+    self.conv.kernel[...] = jnp.tile(k[..., :ch], (1, 1, 1, 4))
+    self.norm = group_norm(4 * ch, rngs, dtype=dtype)
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    h = jax.nn.silu(self.norm(self.conv(x))).astype(self.dtype)
+    return pixel_shuffle(h)
+
+
+class TextProjection(nnx.Module):
+  """LayerNorm and one Dense from the encoder's width to `dim`, computed once per call of
+  the network and read by every attention layer (Rosetta's `text_enc_projection`), in
+  place of a projection from the full encoder width in each layer."""
+
+  def __init__(self, text_dim: int, dim: int, rngs: nnx.Rngs, *, dtype: Dtype):
+    self.norm = layer_norm(text_dim, rngs)
+    self.proj = dense(text_dim, dim, rngs, dtype=dtype, names=("embed", "mlp"))
+
+  def __call__(self, text: Array) -> Array:
+    return self.proj(self.norm(text).astype(self.proj.dtype)).astype(jnp.float32)
 
 
 def maybe_remat(remat: bool, stateful: bool, layer: nnx.Module, *args: Array) -> Array:

@@ -10,6 +10,18 @@ Layout, for `channel_mult` (m0, m1, ...) and `num_res_blocks` n:
 
 Attention layers at the chosen resolutions attend over the pixels and the text tokens
 together (Imagen's combined self/cross attention, `layers.Attention` with `text_dim`).
+Text reaches them in one of two ways (`text_proj_dim`): 0, each attention layer has its
+own LayerNorm and key/value projection from the encoder's full width (4096 for T5-XXL);
+or > 0, the tokens are projected once (`layers.TextProjection`: LayerNorm + Dense to
+text_proj_dim) and every layer projects from that, as NVIDIA's JAX Imagen does
+(`text_enc_projection`, `attn_cond_dim`). At paper scale the per-layer projections from
+4096-d are over a tenth of the network, which is how Rosetta's 512 x (1,2,3,4) x 3 base
+lands at 2B with the shared projection and well above it without.
+
+Resampling (`resample`): "conv" (the default) downsamples with a stride-2 3x3 conv and
+upsamples with nearest + 3x3 conv, as the DDPM U-Net; "shuffle" uses resampling ResBlocks
+whose shortcut and main branch go through one pixel-(un)shuffle layer, as Rosetta's base
+U-Net (`upsample_mode = downsample_mode = 'shuffle'`) and BigGAN's resampling blocks.
 Every ResBlock gets one conditioning vector per example:
 cond = CondMLP(log-SNR) + AttentionPool(text, text_mask), i.e. the pooled text is added
 to the noise-level embedding, as in Imagen.
@@ -38,6 +50,7 @@ from imagen_jax.models import layers
 Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+RESAMPLE = ("conv", "shuffle")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +71,8 @@ class UNetConfig:
   dtype: str = "float32"  # compute dtype; params are always float32
   remat: bool = False  # recompute res/attention blocks in the backward pass
   attention_impl: str | None = None  # None | "xla" | "plain" (see layers.attention)
+  text_proj_dim: int = 0  # 0: per-layer text projections; > 0: one shared projection
+  resample: str = "conv"  # "conv" | "shuffle" (see the module docstring)
 
   def __post_init__(self):
     # Tuples, not lists, so the frozen config stays hashable (ConfigDicts give lists).
@@ -68,6 +83,11 @@ class UNetConfig:
     if self.attention_impl not in (None, "xla", "plain"):
       raise ValueError(f"UNetConfig.attention_impl={self.attention_impl!r}; "
                        "choose None, 'xla' or 'plain'.")
+    if self.resample not in RESAMPLE:
+      raise ValueError(f"UNetConfig.resample={self.resample!r}; choose one of {RESAMPLE}.")
+    if self.text_proj_dim < 0:
+      raise ValueError(f"UNetConfig.text_proj_dim={self.text_proj_dim}: 0 (per-layer "
+                       "projections) or the width of the shared text projection.")
     sizes = [self.image_size // 2**lvl for lvl in range(len(self.channel_mult))]
     if not set(self.attn_resolutions) <= set(sizes):
       raise ValueError(f"UNetConfig.attn_resolutions={self.attn_resolutions} must be among "
@@ -105,9 +125,15 @@ class UNet(nnx.Module):
     self.cfg = cfg
     dt = DTYPES[cfg.dtype]
     ch, cond, mults = cfg.channels, cfg.cond_features, cfg.channel_mult
-    res = lambda cin, cout: layers.ResBlock(cin, cout, cond, rngs, dtype=dt, dropout=cfg.dropout)
+    res = lambda cin, cout, resample=None: layers.ResBlock(
+        cin, cout, cond, rngs, dtype=dt, dropout=cfg.dropout, resample=resample)
+    # With a shared projection, attention layers read tokens of text_proj_dim.
+    self.text_proj = layers.TextProjection(cfg.text_dim, cfg.text_proj_dim, rngs, dtype=dt) \
+        if cfg.text_proj_dim else None
+    attn_text_dim = cfg.text_proj_dim or cfg.text_dim
     attn = lambda c: layers.Attention(c, rngs, dtype=dt, head_dim=cfg.head_dim,
-                                      text_dim=cfg.text_dim, implementation=cfg.attention_impl)
+                                      text_dim=attn_text_dim, implementation=cfg.attention_impl)
+    shuffle = cfg.resample == "shuffle"
     # Which levels attend is fixed here from image_size (level l works at image_size / 2^l).
     has_attn = [cfg.image_size // 2**lvl in cfg.attn_resolutions for lvl in range(len(mults))]
 
@@ -127,7 +153,8 @@ class UNet(nnx.Module):
       down_res.append(nnx.List(blocks))
       down_attn.append(nnx.List([attn(cur) for _ in blocks] if has_attn[lvl] else []))
       if lvl < len(mults) - 1:
-        downsample.append(layers.Downsample(cur, cur, rngs, dtype=dt))
+        downsample.append(res(cur, cur, "down") if shuffle else
+                          layers.Downsample(cur, cur, rngs, dtype=dt))
         skips.append(cur)
     self.down_res, self.down_attn = nnx.List(down_res), nnx.List(down_attn)
     self.downsample = nnx.List(downsample)
@@ -145,7 +172,8 @@ class UNet(nnx.Module):
       up_res.append(nnx.List(blocks))
       up_attn.append(nnx.List([attn(cur) for _ in blocks] if has_attn[lvl] else []))
       if lvl > 0:
-        upsample.append(layers.Upsample(cur, cur, rngs, dtype=dt))
+        upsample.append(res(cur, cur, "up") if shuffle else
+                        layers.Upsample(cur, cur, rngs, dtype=dt))
     self.up_res, self.up_attn = nnx.List(up_res), nnx.List(up_attn)
     self.upsample = nnx.List(upsample)
 
@@ -158,9 +186,17 @@ class UNet(nnx.Module):
     stateful = self.cfg.dropout > 0 and isinstance(block, layers.ResBlock)
     return layers.maybe_remat(self.cfg.remat, stateful, block, *args)
 
+  def _resample(self, layer: nnx.Module, h: Array, cond: Array) -> Array:
+    # A resampling ResBlock ("shuffle") takes the conditioning; a plain conv does not.
+    if isinstance(layer, layers.ResBlock):
+      return self._run(layer, h, cond)
+    return layer(h)
+
   def __call__(self, x: Array, logsnr: Array, text: Array, text_mask: Array) -> Array:
     tm = text_mask.astype(bool)
     cond = self.time_mlp(logsnr) + self.text_pool(text, tm)
+    if self.text_proj is not None:
+      text = self.text_proj(text)
     h = self.conv_in(x.astype(DTYPES[self.cfg.dtype]))
     skips = [h]
     for lvl, blocks in enumerate(self.down_res):
@@ -170,7 +206,7 @@ class UNet(nnx.Module):
           h = self._run(self.down_attn[lvl][i], h, text, tm)
         skips.append(h)
       if lvl < len(self.downsample):
-        h = self.downsample[lvl](h)
+        h = self._resample(self.downsample[lvl], h, cond)
         skips.append(h)
 
     h = self._run(self.mid_res1, h, cond)
@@ -183,6 +219,6 @@ class UNet(nnx.Module):
         if len(self.up_attn[j]):
           h = self._run(self.up_attn[j][i], h, text, tm)
       if j < len(self.upsample):
-        h = self.upsample[j](h)
+        h = self._resample(self.upsample[j], h, cond)
     h = jax.nn.silu(self.norm_out(h)).astype(h.dtype)
     return self.conv_out(h).astype(jnp.float32)

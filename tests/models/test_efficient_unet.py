@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import math
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -236,9 +237,9 @@ def test_from_dict_rejects_bad_configs(cfg):
 
 
 # Exact counts, recorded in the config docstrings; tolerance: the nominal paper sizes.
-PAPER = [("sr256.py", "600m", 600e6, 629_153_027), ("sr1024.py", "400m", 400e6, 393_561_859)]
-SMALL = [("sr256.py", "emoji", 16_372_675), ("sr256.py", "smoke", 127_171),
-         ("sr1024.py", "emoji", 11_354_371), ("sr1024.py", "smoke", 123_075)]
+PAPER = [("sr256.py", "600m", 600e6, 629_448_195), ("sr1024.py", "400m", 400e6, 362_448_131)]
+SMALL = [("sr256.py", "emoji", 16_391_171), ("sr256.py", "smoke", 131_811),
+         ("sr1024.py", "emoji", 11_372_867), ("sr1024.py", "smoke", 127_715)]
 
 
 def _abstract(file: str, variant: str):
@@ -269,4 +270,79 @@ def test_sr1024_has_no_self_attention_and_crops_match():
   c = load_config("sr1024.py", "400m")
   assert c.model.self_attn_levels == () and c.model.cross_attn_levels
   assert c.data.crop * c.data.low_resolution // c.data.resolution == 64
-  assert math.log2(c.data.crop) >= len(c.model.channel_mult) - 1
+  assert c.data.crop % EfficientUNetConfig.from_dict(c.model).size_multiple == 0
+
+
+# Resolution of each level, and where the 1/sqrt(2) goes. ------------------------------
+
+
+def _conv_outputs(cfg: EfficientUNetConfig, res: int) -> list[tuple[int, int]]:
+  """(output side, output channels) of every convolution of a forward pass at res x res,
+  read off the lowered program (shapes only: nothing is compiled or computed)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: EfficientUNet(cfg, rngs=nnx.Rngs(0))))
+  args = models.example_inputs({"name": "efficient_unet", **dataclasses.asdict(cfg)}, 1, res,
+                               4, lowres=res // 4)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+  text = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)).lower(state, *abstract).as_text()
+  return [(int(m[1]), int(m[3])) for m in re.finditer(
+      r"stablehlo\.convolution.*-> tensor<1x(\d+)x(\d+)x(\d+)x", text)]
+
+
+def test_no_block_runs_at_the_input_resolution(cfg):
+  """Paper / Rosetta / imagen-pytorch: every DBlock strides before its blocks, so only
+  conv_in, the last upsampling conv and conv_out see the full resolution (before this
+  fix level 0's ResBlocks ran there too, at about 4x the FLOPs)."""
+  convs = _conv_outputs(cfg, RES)
+  full = [c for c in convs if c[0] == RES]
+  assert full == [(RES, cfg.level_channels[0]), (RES, cfg.level_channels[0]),
+                  (RES, cfg.out_channels)], full
+  # Every ResBlock conv runs at a level's size: RES / 2, RES / 4 for the smoke net.
+  sizes = {c[0] for c in convs} - {RES}
+  assert sizes == {RES // s for s in cfg.level_sizes} == {RES // 2, RES // 4}
+
+
+def test_strides_set_each_levels_resolution(cfg):
+  c = dataclasses.replace(cfg, strides=(2, 1))  # Rosetta's 5-level layout, in small
+  assert c.level_sizes == (2, 2) and c.size_multiple == 2
+  assert {s for s, _ in _conv_outputs(c, RES)} == {RES, RES // 2}
+  with pytest.raises(ValueError, match="strides"):
+    dataclasses.replace(cfg, strides=(2, 3))
+  with pytest.raises(ValueError, match="strides"):
+    dataclasses.replace(cfg, strides=(2,))
+
+
+def test_skip_scaling_modes(cfg, model, inputs, out):
+  """"sum" (default), "unet" and "none" share one parameter tree and differ in output;
+  "shortcut" adds a 1x1 conv to every ResBlock whose width does not change."""
+  params = nnx.state(model, nnx.Param)
+  outs = {}
+  for mode in ("unet", "none"):
+    m = build(dataclasses.replace(cfg, skip_scaling=mode), params)
+    outs[mode] = np.asarray(make_forward(m)(*inputs))
+  assert _maxdiff(outs["unet"], out) > 1e-3 and _maxdiff(outs["none"], out) > 1e-3
+  assert _maxdiff(outs["unet"], outs["none"]) > 1e-3
+  n = models.count_params(params)
+  shortcut = nnx.eval_shape(lambda: EfficientUNet(
+      dataclasses.replace(cfg, skip_scaling="shortcut"), rngs=nnx.Rngs(0)))
+  same_width = sum(1 for lv in list(model.down) + list(model.up) for blk in lv.blocks
+                   if blk.skip is None)
+  ch_of = lambda blk: blk.conv2.kernel.shape[-1]
+  extra = sum(ch_of(blk) ** 2 + ch_of(blk) for lv in list(model.down) + list(model.up)
+              for blk in lv.blocks if blk.skip is None)
+  assert same_width > 0
+  assert models.count_params(shortcut) == n + extra
+  with pytest.raises(ValueError, match="skip_scaling"):
+    dataclasses.replace(cfg, skip_scaling="sqrt2")
+
+
+def test_paper_configs_follow_rosetta_shapes():
+  """sr1: imagen_sr1_efficientunet_600M.gin; sr2: the block counts and multipliers of
+  imagen_sr2_efficientunet_600M.gin (narrowed to 96 channels to be the paper's 400M).
+  Attention runs at 1/16 of the resolution in both (16x16 at 256, 64x64 at 1024)."""
+  sr1 = EfficientUNetConfig.from_dict(load_config("sr256.py", "600m").model)
+  assert (sr1.channels, sr1.channel_mult, sr1.num_res_blocks) == (
+      128, (1, 2, 4, 8, 8), (2, 4, 8, 8, 2))
+  assert [sr1.level_sizes[i] for i in sr1.self_attn_levels] == [16, 16]
+  sr2 = EfficientUNetConfig.from_dict(load_config("sr1024.py", "400m").model)
+  assert (sr2.channel_mult, sr2.num_res_blocks) == ((1, 2, 4, 6, 6), (2, 4, 8, 8, 8))
+  assert [sr2.level_sizes[i] for i in sr2.cross_attn_levels] == [16]

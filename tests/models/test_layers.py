@@ -52,7 +52,7 @@ def test_text_attention_mask_and_null_token():
 
 
 def test_resblock_starts_as_identity_and_conditions():
-  rb = L.ResBlock(32, 32, 16, nnx.Rngs(0), dtype=F32, skip_scale=2**-0.5)
+  rb = L.ResBlock(32, 32, 16, nnx.Rngs(0), dtype=F32, residual_scaling="sum")
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 32))
   cond = jax.random.normal(jax.random.PRNGKey(2), (2, 16))
   np.testing.assert_allclose(rb(x, cond), x * 2**-0.5, atol=1e-6)  # zero-init last conv
@@ -60,11 +60,48 @@ def test_resblock_starts_as_identity_and_conditions():
   assert float(jnp.abs(rb(x, cond) - rb(x, cond + 1.0)).max()) > 1e-4
 
 
+def test_resblock_residual_scalings():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 32))
+  cond = jax.random.normal(jax.random.PRNGKey(2), (2, 16))
+  plain = L.ResBlock(32, 32, 16, nnx.Rngs(0), dtype=F32)
+  assert plain.skip is None
+  np.testing.assert_allclose(plain(x, cond), x, atol=1e-6)
+  # Rosetta: h + conv1x1(x) / sqrt(2), with the 1x1 conv even at equal widths.
+  rosetta = L.ResBlock(32, 32, 16, nnx.Rngs(0), dtype=F32, residual_scaling="shortcut")
+  assert rosetta.skip is not None
+  np.testing.assert_allclose(rosetta(x, cond), rosetta.skip(x) * 2**-0.5, atol=1e-6)
+  with pytest.raises(ValueError, match="residual_scaling"):
+    L.ResBlock(32, 32, 16, nnx.Rngs(0), dtype=F32, residual_scaling="both")
+
+
+def test_pixel_shuffle_is_lossless_and_resampling_blocks_resize():
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 6, 5))
+  y = L.pixel_unshuffle(x)
+  assert y.shape == (2, 4, 3, 20)
+  np.testing.assert_array_equal(L.pixel_shuffle(y), x)
+  # Channel (i*2 + j)*C + c holds pixel (i, j) of each 2x2 window.
+  np.testing.assert_array_equal(y[:, :, :, 3 * 5:4 * 5], x[:, 1::2, 1::2])
+  rngs = nnx.Rngs(0)
+  up = L.PixelShuffleUp(32, rngs, dtype=F32)
+  z = up(jax.random.normal(jax.random.PRNGKey(2), (2, 4, 4, 32)))
+  assert z.shape == (2, 8, 8, 32)
+  # ICNR init: a fresh layer repeats each pixel over its 2x2 window (nearest neighbour);
+  # GroupNorm's groups each lie inside one sub-pixel's block of channels, so they agree.
+  np.testing.assert_allclose(z[:, 0::2, 0::2], z[:, 1::2, 1::2], atol=1e-6)
+  cond = jnp.zeros((2, 16))
+  down = L.ResBlock(32, 64, 16, rngs, dtype=F32, resample="down")
+  assert down(jnp.ones((2, 8, 8, 32)), cond).shape == (2, 4, 4, 64)
+  upb = L.ResBlock(32, 32, 16, rngs, dtype=F32, resample="up")
+  assert upb(jnp.ones((2, 8, 8, 32)), cond).shape == (2, 16, 16, 32)
+
+
 def test_resampling_shapes_and_embedding():
   rngs = nnx.Rngs(0)
   x = jnp.ones((1, 8, 8, 4))
   assert L.Downsample(4, 6, rngs, dtype=F32)(x).shape == (1, 4, 4, 6)
   assert L.Upsample(4, 6, rngs, dtype=F32)(x).shape == (1, 16, 16, 6)
+  assert L.Downsample(4, 6, rngs, dtype=F32, stride=1)(x).shape == (1, 8, 8, 6)
+  assert L.Upsample(4, 6, rngs, dtype=F32, factor=1)(x).shape == (1, 8, 8, 6)
   e = L.logsnr_embedding(jnp.array([-20.0, 0.0, 20.0]), 64)
   assert e.shape == (3, 64) and float(jnp.abs(e).max()) <= 1.0
   assert float(jnp.abs(e[0] - e[2]).max()) > 0.1  # distinct levels, distinct features
@@ -73,7 +110,10 @@ def test_resampling_shapes_and_embedding():
 def test_every_param_has_logical_names():
   rngs = nnx.Rngs(0)
   mods = [L.ResBlock(8, 16, 4, rngs, dtype=F32), L.Attention(16, rngs, dtype=F32, text_dim=8),
-          L.AttentionPool(8, 4, rngs, dtype=F32), L.CondMLP(8, 4, rngs, dtype=F32)]
+          L.AttentionPool(8, 4, rngs, dtype=F32), L.CondMLP(8, 4, rngs, dtype=F32),
+          L.ResBlock(8, 8, 4, rngs, dtype=F32, resample="up"),
+          L.ResBlock(8, 8, 4, rngs, dtype=F32, resample="down"),
+          L.TextProjection(8, 4, rngs, dtype=F32)]
   for m in mods:
     for path, var in nnx.to_flat_state(nnx.state(m, nnx.Param)):
       names = var.get_metadata().get("out_sharding")

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from imagen_jax.models import layers
 from imagen_jax.models.unet import UNet, UNetConfig
 
 CONFIG_FILE = pathlib.Path(__file__).parents[2] / "configs" / "base64.py"
 
 # Exact counts, also written in configs/base64.py: a change to the architecture shows here.
-PARAM_COUNTS = {"smoke": 798_115, "emoji": 11_409_219, "500m": 513_791_491,
-                "2b": 2_123_799_299}
+PARAM_COUNTS = {"smoke": 798_115, "emoji": 11_409_219, "500m": 548_759_555,
+                "2b": 2_155_545_603}
 NOMINAL = {"500m": 500e6, "2b": 2e9}
 
 
@@ -231,3 +232,73 @@ def test_param_counts(variant):
                          jax.ShapeDtypeStruct((2, 128, cfg.text_dim), jnp.float32),
                          jax.ShapeDtypeStruct((2, 128), jnp.bool_))
     assert out.shape == x.shape and out.dtype == jnp.float32
+
+
+# Architecture options: the shared text projection and pixel-shuffle resampling blocks. ----
+
+
+@pytest.fixture(scope="module")
+def options_model(cfg):
+  """The smoke network with both options on, and perturbed params (see model_params)."""
+  c = dataclasses.replace(cfg, text_proj_dim=24, resample="shuffle")
+  model = UNet(c, rngs=nnx.Rngs(jax.random.key(0, impl="unsafe_rbg")))
+  rng = np.random.default_rng(3)
+  params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape, np.float32),
+                        nnx.clone(nnx.state(model, nnx.Param)))
+  return model, params
+
+
+def test_shared_text_projection_feeds_every_attention_layer(cfg, options_model):
+  model, _ = options_model
+  assert model.text_proj is not None
+  attn = [m for _, m in nnx.iter_graph(model) if isinstance(m, layers.Attention)]
+  assert attn and all(a.text_kv.kernel.shape[0] == 24 for a in attn)
+  # Per-layer projections (the default) read the encoder's full width instead.
+  default = nnx.eval_shape(lambda: UNet(cfg, rngs=nnx.Rngs(0)))
+  assert default.text_proj is None
+  assert all(a.text_kv.kernel.shape[0] == cfg.text_dim for _, a in nnx.iter_graph(default)
+             if isinstance(a, layers.Attention))
+
+
+def test_options_model_masks_text_and_learns_everywhere(options_model, inputs):
+  model, params = options_model
+  x, logsnr, text, mask = inputs
+  grad_fn = make_grad(model)
+  out, grads = grad_fn(params, inputs)
+  assert out.shape == x.shape and np.isfinite(out).all()
+  apply = make_apply(model)
+  # Padding tokens are ignored and fully masked text is content-free, through the shared
+  # projection as without it.
+  np.testing.assert_allclose(apply(params, x, logsnr, text.at[0, 5:].set(50.0), mask), out,
+                             atol=1e-5)
+  none = jnp.zeros_like(mask)
+  np.testing.assert_allclose(apply(params, x, logsnr, text, none),
+                             apply(params, x, logsnr, -2.0 * text, none), atol=1e-5)
+  zero = [p for p, g in nnx.to_flat_state(grads) if not np.abs(g[...]).max() > 0]
+  assert not zero, zero
+
+
+def test_shuffle_resampling_replaces_the_conv_resamplers(cfg, options_model):
+  model, _ = options_model
+  assert all(isinstance(m, layers.ResBlock) and m.resample is not None
+             for m in list(model.downsample) + list(model.upsample))
+  default = nnx.eval_shape(lambda: UNet(cfg, rngs=nnx.Rngs(0)))
+  assert all(isinstance(m, (layers.Downsample, layers.Upsample))
+             for m in list(default.downsample) + list(default.upsample))
+
+
+def test_rejects_unknown_resample():
+  d = dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+           text_dim=32, image_size=16)
+  with pytest.raises(ValueError, match="resample"):
+    UNetConfig.from_dict({**d, "resample": "pixelshuffle"})
+
+
+@pytest.mark.parametrize("variant,channels,proj", [("500m", 256, 512), ("2b", 512, 2048)])
+def test_paper_configs_have_rosetta_shapes(variant, channels, proj):
+  """Rosetta's imagen_base_{500M,2B}.gin: width x (1,2,3,4) x 3 res blocks, attention at
+  32/16/8, cond 4 x width, the T5 tokens projected once to attn_cond_dim."""
+  c = model_config(variant)
+  assert (c.channels, c.channel_mult, c.num_res_blocks) == (channels, (1, 2, 3, 4), 3)
+  assert c.attn_resolutions == (32, 16, 8) and c.cond_features == 4 * channels
+  assert c.text_proj_dim == proj and c.text_dim == 4096
