@@ -8,6 +8,9 @@ r"""The cascade of trained stages: sampling from text, and its evaluation.
 stage brings the config it was trained with (sampler, steps, guidance, thresholding,
 noise augmentation, text encoder), and `stage0`..`stage2` override any of those per stage
 (unset = the stage's own value), e.g. --config.stage1.steps=8 --config.stage2.aug_t=0.1.
+An SR stage's noise-augmentation level is given by at most one of aug_t (a time of the
+stage's augmentation schedule), aug_logsnr or aug_sigma (the std of the noise added to
+the low-res input); settings.json records all three.
 
 --mode=sample runs `sample.prompts` (or --prompt, or --prompts_file with one prompt per line)
 through the first `sample.num_stages` stages (0 = all) and writes PNGs, captioned grids and
@@ -17,8 +20,11 @@ settings.json (see imagen_jax/cascade.py).
 for each weight in eval.guidance_weights it samples eval.num_images held-out captions
 through stages 0..eval.fid_stage, and measures FID against that stage's held-out images
 and text-image alignment: CLIP score when eval.clip names CLIP weights, else the offline
-alignment score (imagen_jax/eval/alignment.py). It writes results.csv, results.md, the
-FID-vs-alignment plot, a sample grid per weight and report.md.
+alignment score (imagen_jax/eval/alignment.py). With eval.aug_levels set (and fid_stage
+>= 1) it also sweeps the SR stages' sampling augmentation level, every level at every
+weight (Imagen swept 0.1-0.3): eval.aug_level_kind says whether the levels are times t,
+log-SNRs or sigmas. It writes results.csv, results.md (one row per weight and level),
+the FID-vs-alignment plot, a sample grid per row and report.md.
 
 Variants (after the colon):
   demo   what `make demo` evaluates: the three runs/demo stages (64 -> 256 -> 1024)
@@ -38,7 +44,8 @@ def _overrides() -> ml_collections.ConfigDict:
   # Unset (None) keeps the stage's own value; see imagen_jax.cascade.StageSettings.
   return ml_collections.ConfigDict(dict(
       sampler=placeholder(str), steps=placeholder(int), guidance=placeholder(float),
-      thresholding=placeholder(str), aug_t=placeholder(float)))
+      thresholding=placeholder(str), aug_t=placeholder(float),
+      aug_logsnr=placeholder(float), aug_sigma=placeholder(float)))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -66,8 +73,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (0 = all) held-out images of that stage's dataset (data_dir "" = the stage's own).
   # clip: a Hugging Face CLIP directory for CLIP score; "" uses the offline alignment
   # score, trained on alignment.train_limit (0 = all) training pairs. cascade_samples:
-  # also run sample.prompts through every stage for report.md.
-  c.eval = dict(guidance_weights=(1.0, 3.0, 5.0), num_images=1000, seed=1234, fid_stage=0,
+  # also run sample.prompts through every stage for report.md. aug_levels: the SR stages'
+  # sampling augmentation levels to sweep (() = each stage's own; needs fid_stage >= 1),
+  # every SR stage up to fid_stage sampled at each, given as aug_level_kind "t" (a time
+  # of each stage's augmentation schedule), "logsnr" or "sigma"; it replaces
+  # stageK.aug_* for those stages.
+  c.eval = dict(guidance_weights=(1.0, 3.0, 5.0), aug_levels=(), aug_level_kind="t",
+                num_images=1000, seed=1234, fid_stage=0,
                 batch_size=64, reference_limit=0, data_dir="", clip="", inception="",
                 grid_size=16, cascade_samples=True, cache_dir="",
                 alignment=dict(train_limit=0, dim=256, steps=1500, batch_size=512, lr=1e-3,

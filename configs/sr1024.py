@@ -56,10 +56,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.diffusion = dict(
       schedule="cosine", target="eps", weighting="eps",
-      # Noise conditioning augmentation of the low-res input (Imagen sec. 2.5): training
-      # corrupts it to a time t_aug ~ U[0, max_t] of `schedule` and feeds the model that
-      # level's log-SNR; sampling uses the fixed sample_t (imagen-pytorch's default 0.2).
-      noise_aug=dict(max_t=1.0, sample_t=0.2),
+      # Noise conditioning augmentation of the low-res input (Imagen sec. 2.5), on its own
+      # schedule, so that changing `schedule` above leaves it bit-identical. Training
+      # corrupts the input to t_aug ~ U[0, max_t] of noise_aug.schedule, one level per
+      # "example" or one per "batch" (the paper's pseudo-code, imagen-pytorch), and feeds
+      # the model that level's log-SNR. Sampling uses one fixed level, given as exactly one
+      # of sample_t, sample_logsnr or sample_sigma (the std of the added noise: x_aug =
+      # alpha x + sigma eps); to switch form, unset the other, e.g.
+      # --config.diffusion.noise_aug.sample_t=None --config.diffusion.noise_aug.sample_sigma=0.5
+      # (object-typed so that None parses). The default t=0.2 on cosine is log-SNR 2.2461,
+      # sigma 0.3093. imagen-pytorch's default 0.2 is a time of its linear low-res schedule,
+      # log-SNR 0.7093, sigma 0.5742: sample_logsnr=0.7093 here (t=0.389 of cosine).
+      noise_aug=dict(
+          schedule="cosine", schedule_kw={}, max_t=1.0, per="example",
+          sample_t=ml_collections.FieldReference(0.2, field_type=object),
+          sample_logsnr=ml_collections.FieldReference(None, field_type=object),
+          sample_sigma=ml_collections.FieldReference(None, field_type=object)),
   )
 
   # crop: train on crop x crop windows of the high-res image and the matching

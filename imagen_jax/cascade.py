@@ -10,7 +10,9 @@ EMA, as the trainer's sample grids use). Prompts are encoded once per distinct t
 encoder the stages were trained with, then each stage samples with its own sampler,
 steps, guidance weight, thresholding and (SR) noise-augmentation level: the stage
 config's values unless `StageSettings` overrides them. An SR stage is conditioned on the
-previous stage's float output (clipped to [-1, 1]), as in Imagen.
+previous stage's float output (clipped to [-1, 1]), as in Imagen, noise-augmented to its
+level: given as a time t of the stage's augmentation schedule, a log-SNR or a noise std
+sigma (`guidance.aug_level`), and recorded in all three forms.
 
 Batches are split over every device (the data axis of the cascade's mesh); the last one is
 padded and the padding dropped. Image i of a call is drawn from the keys
@@ -37,6 +39,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from imagen_jax import text as text_lib
+from imagen_jax.diffusion import guidance
 from imagen_jax.errors import UserError
 from imagen_jax.train import checkpointing, samples
 from imagen_jax.train import logging as log_lib
@@ -50,12 +53,19 @@ class CascadeError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class StageSettings:
-  """Per-stage sampling overrides; None keeps the stage config's value."""
+  """Per-stage sampling overrides; None keeps the stage config's value.
+
+  The SR noise-augmentation level of the low-res input is given by at most one of aug_t
+  (a time of the stage's augmentation schedule), aug_logsnr or aug_sigma (the std of the
+  added noise); any one of them replaces the config's level.
+  """
   sampler: str | None = None        # diffusion.sampler.method
   steps: int | None = None          # diffusion.sampler.steps
   guidance: float | None = None     # classifier-free guidance weight (config: log.guidance)
   thresholding: str | None = None   # "dynamic", "static" or "none"
-  aug_t: float | None = None        # SR only: noise-augmentation time of the low-res input
+  aug_t: float | None = None        # SR only: augmentation level as a time in [0, 1]
+  aug_logsnr: float | None = None   # SR only: ... as a log-SNR
+  aug_sigma: float | None = None    # SR only: ... as the noise std sigma in (0, 1)
 
   @classmethod
   def from_dict(cls, d: Any) -> "StageSettings":
@@ -93,7 +103,8 @@ class Stage:
     return int(self.config.data.low_resolution) if self.is_sr else None
 
   def settings(self, override: StageSettings | None = None) -> dict[str, Any]:
-    """The effective sampling settings (the config's, overridden)."""
+    """The effective sampling settings (the config's, overridden); for an SR stage the
+    augmentation level in all three forms and the schedule that relates them."""
     o = override or StageSettings()
     dc = self.config.diffusion
     out = {"sampler": o.sampler or dc.sampler.method,
@@ -101,7 +112,16 @@ class Stage:
            "guidance": float(self.config.log.guidance if o.guidance is None else o.guidance),
            "thresholding": o.thresholding or dc.get("thresholding", "dynamic")}
     if self.is_sr:
-      out["aug_t"] = float(dc.noise_aug.sample_t if o.aug_t is None else o.aug_t)
+      aug = guidance.NoiseAug.from_config(dc)
+      given = {k: getattr(o, f"aug_{k}") for k in guidance.AUG_LEVEL_FORMS
+               if getattr(o, f"aug_{k}") is not None}
+      try:
+        level = guidance.aug_level(aug.schedule, **given) if given else aug.sample_level()
+      except ValueError as e:
+        raise CascadeError(f"Stage {self.source}: {e} Fix: give one of "
+                           "aug_t / aug_logsnr / aug_sigma within that range.") from e
+      out.update(aug_t=level.t, aug_logsnr=level.logsnr, aug_sigma=level.sigma,
+                 aug_schedule=aug.schedule_name, aug_schedule_kw=dict(aug.schedule_kw))
     return out
 
 
@@ -217,16 +237,16 @@ class Cascade:
     return np.asarray(emb), np.asarray(mask)
 
   def _sample_fn(self, index: int, settings: dict[str, Any]):
-    key = (index, settings["sampler"], settings["steps"], settings["thresholding"],
-           settings.get("aug_t"))
+    # The augmentation level is a per-call argument (settings["aug_logsnr"]), so stages
+    # that differ only in it share one compiled sampler; calls without it get the stage
+    # config's level.
+    key = (index, settings["sampler"], settings["steps"], settings["thresholding"])
     if key not in self._sample_fns:
       stage = self.stages[index]
       config = ml_collections.ConfigDict(stage.config.to_dict())
       config.diffusion.sampler.method = settings["sampler"]
       config.diffusion.sampler.steps = settings["steps"]
       config.diffusion.thresholding = settings["thresholding"]
-      if stage.is_sr:
-        config.diffusion.noise_aug.sample_t = settings["aug_t"]
       self._sample_fns[key] = samples.make_sample_fn(config, stage.graphdef, stage.rest)
     return self._sample_fns[key]
 
@@ -279,7 +299,7 @@ class Cascade:
         put = lambda x: jax.device_put(x, batch_sharding)  # noqa: E731
         low = None if lowres is None else put(lowres[pad])
         x = fn(stage.params, put(emb[pad]), put(mask[pad]), put(keys[pad]), lowres=low,
-               guidance_scale=st["guidance"])
+               guidance_scale=st["guidance"], aug_logsnr=st.get("aug_logsnr"))
         out.append(np.asarray(jax.device_get(x))[:len(rows)])
         bar.update(1)
       x = np.clip(np.concatenate(out, 0), -1.0, 1.0)

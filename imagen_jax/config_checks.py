@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from imagen_jax.diffusion import samplers, schedules
+from imagen_jax.diffusion import guidance, samplers, schedules
 
 # Sampler keys that are not method options; every other key of diffusion.sampler is one.
 SAMPLER_KEYS = ("method", "steps", "grid", "rho")
@@ -129,24 +129,75 @@ def check_gmm_data(config: ml_collections.ConfigDict, mode: str) -> None:
     integer(config, "data.seed")
 
 
-def check_schedule(config: ml_collections.ConfigDict, mode: str) -> None:
-  """diffusion.schedule and diffusion.schedule_kw: building the schedule must succeed."""
-  name = one_of(config, "diffusion.schedule", sorted(schedules.SCHEDULES))
-  kw_cfg = get(config, "diffusion.schedule_kw")
+def _schedule_at(config: ml_collections.ConfigDict, section: str) -> schedules.Schedule:
+  """{section}.schedule and {section}.schedule_kw: the schedule they build."""
+  name = one_of(config, f"{section}.schedule", sorted(schedules.SCHEDULES))
+  kw_cfg = get(config, f"{section}.schedule_kw")
   kw = kw_cfg.to_dict() if isinstance(kw_cfg, ml_collections.ConfigDict) else dict(kw_cfg)
   fields = [f.name for f in dataclasses.fields(schedules.SCHEDULES[name]) if f.init]
+  flag = f"--config.{section}.schedule_kw"
   for key in kw:
     if key not in fields:
       raise ConfigError(
-          f"diffusion.schedule_kw.{key}", kw[key], f"not an argument of schedule {name!r}",
+          f"{section}.schedule_kw.{key}", kw[key], f"not an argument of schedule {name!r}",
           allowed=fields, bad_key=True,
-          fix="replace the whole dict, e.g. --config.diffusion.schedule_kw=\"{'"
-              f"{fields[0]}': ...}}\" (or --config.diffusion.schedule_kw=\"{{}}\" for defaults)")
+          fix=f"replace the whole dict, e.g. {flag}=\"{{'{fields[0]}': ...}}\" (or "
+              f"{flag}=\"{{}}\" for defaults)")
   try:
-    schedules.get_schedule(name, **kw)
+    return schedules.get_schedule(name, **kw)
   except (TypeError, ValueError) as e:
-    raise ConfigError("diffusion.schedule_kw", kw, f"schedule {name!r} rejects it ({e})",
-                      fix="change the values in --config.diffusion.schedule_kw=\"{...}\"") from e
+    raise ConfigError(f"{section}.schedule_kw", kw, f"schedule {name!r} rejects it ({e})",
+                      fix=f"change the values in {flag}=\"{{...}}\"") from e
+
+
+def check_schedule(config: ml_collections.ConfigDict, mode: str) -> None:
+  """diffusion.schedule and diffusion.schedule_kw: building the schedule must succeed."""
+  _schedule_at(config, "diffusion")
+
+
+def _one_level(config: ml_collections.ConfigDict, section: str, keys: Sequence[str],
+               *, required: bool) -> str | None:
+  """The one key of `keys` under `section` that is set (not None); two set is an error,
+  and so is none when `required` (a config section whose default sets one: its keys are
+  object-typed, so =None unsets one on the command line). Returns that key, or None."""
+  present = [k for k in keys if k in get(config, section)]
+  given = [k for k in present if get(config, f"{section}.{k}") is not None]
+  if len(given) > 1:
+    first, second = given[0], given[1]
+    fix = (f"pass --config.{section}.{first}=None to use {second} (or "
+           f"--config.{section}.{second}=None to keep {first})" if required else
+           f"pass only one of --config.{section}.{first} and --config.{section}.{second}")
+    raise ConfigError(f"{section}.{second}", get(config, f"{section}.{second}"),
+                      f"the augmentation level is given one way only, and "
+                      f"{section}.{first}={get(config, f'{section}.{first}')!r} is set too",
+                      fix=fix)
+  if not given and required:
+    raise ConfigError(f"{section}.{keys[0]}", None, "no sampling augmentation level is "
+                      f"given (set one of {', '.join(keys)})",
+                      fix=f"pass e.g. --config.{section}.{keys[0]}=0.2")
+  return given[0] if given else None
+
+
+def check_noise_aug(config: ml_collections.ConfigDict, mode: str) -> None:
+  """diffusion.noise_aug (SR stages): its own schedule, the training range and draw, and
+  exactly one sampling level (sample_t, sample_logsnr or sample_sigma) that the
+  augmentation schedule reaches."""
+  section = "diffusion.noise_aug"
+  schedule = _schedule_at(config, section)
+  max_t = number(config, f"{section}.max_t", low=0.0)
+  if max_t > 1:
+    raise ConfigError(f"{section}.max_t", max_t, "is a time of the augmentation schedule, "
+                      "so within [0, 1]", fix=f"pass --config.{section}.max_t=1.0")
+  one_of(config, f"{section}.per", guidance.AUG_PER)
+  keys = [f"sample_{form}" for form in guidance.AUG_LEVEL_FORMS]
+  key = _one_level(config, section, keys, required=True)
+  form = key[len("sample_"):]
+  value = get(config, f"{section}.{key}")
+  lo, hi = guidance.aug_level_range(schedule)[form]
+  if not (_is_number(value) and lo <= value <= hi):
+    raise ConfigError(f"{section}.{key}", value,
+                      f"must be a number in [{lo:.6g}, {hi:.6g}], the range of {form} on "
+                      f"the augmentation schedule {get(config, f'{section}.schedule')!r}")
 
 
 def check_sampler(config: ml_collections.ConfigDict, mode: str) -> None:
@@ -352,8 +403,11 @@ def check_cascade(config: ml_collections.ConfigDict, mode: str) -> None:
       one_of(config, f"{section}.thresholding", ("dynamic", "static", "none"))
     if o.get("guidance") is not None:
       number(config, f"{section}.guidance", low=0.0)
-    if o.get("aug_t") is not None and not 0.0 <= number(config, f"{section}.aug_t") <= 1.0:
-      raise ConfigError(f"{section}.aug_t", o.aug_t, "is a diffusion time, so within [0, 1]")
+    # The stage's schedule is known only once it is loaded (cascade.py checks the level
+    # against it); here: one form at most, each within the range every schedule allows.
+    key = _one_level(config, section, ("aug_t", "aug_logsnr", "aug_sigma"), required=False)
+    if key is not None:
+      _check_aug_value(config, f"{section}.{key}", key[len("aug_"):])
   check_mesh_sizes(config)
   positive_int(config, "sample.batch_size")
   integer(config, "sample.seed")
@@ -363,8 +417,30 @@ def check_cascade(config: ml_collections.ConfigDict, mode: str) -> None:
                       f"must lie in [0, {len(stages)}] (0 = all {len(stages)} stages)")
 
 
+def _aug_value_ok(value: Any, form: str) -> bool:
+  """A level any schedule may reach: t in [0, 1], sigma in (0, 1), a finite log-SNR."""
+  if not _is_number(value):
+    return False
+  if form == "t":
+    return 0.0 <= value <= 1.0
+  if form == "sigma":
+    return 0.0 < value < 1.0
+  return math.isfinite(value)
+
+
+_AUG_RANGES = {"t": "a time, so within [0, 1]", "logsnr": "a log-SNR, so a finite number",
+               "sigma": "the std of the added noise, so within (0, 1)"}
+
+
+def _check_aug_value(config: ml_collections.ConfigDict, path: str, form: str) -> None:
+  value = get(config, path)
+  if not _aug_value_ok(value, form):
+    raise ConfigError(path, value, f"is an augmentation level given as {_AUG_RANGES[form]}")
+
+
 def check_cascade_eval(config: ml_collections.ConfigDict, mode: str) -> None:
-  """eval: the guidance sweep, sample and reference counts, the measured stage, alignment."""
+  """eval: the guidance and augmentation-level sweeps, sample and reference counts, the
+  measured stage, alignment."""
   if mode != "eval":
     return
   weights = get(config, "eval.guidance_weights")
@@ -379,6 +455,19 @@ def check_cascade_eval(config: ml_collections.ConfigDict, mode: str) -> None:
   if not 0 <= stage < len(get(config, "stages")):
     raise ConfigError("eval.fid_stage", stage,
                       f"names a stage, so must lie in [0, {len(get(config, 'stages')) - 1}]")
+  form = one_of(config, "eval.aug_level_kind", guidance.AUG_LEVEL_FORMS)
+  levels = get(config, "eval.aug_levels")
+  if not isinstance(levels, (tuple, list)) or not all(_aug_value_ok(v, form) for v in levels):
+    raise ConfigError("eval.aug_levels", levels,
+                      f"must list augmentation levels, each {_AUG_RANGES[form]} "
+                      f"(eval.aug_level_kind={form!r})",
+                      fix="pass e.g. --config.eval.aug_levels='(0.1, 0.2, 0.3)' (times t), "
+                          "or () for each stage's own level")
+  if levels and stage == 0:
+    raise ConfigError("eval.fid_stage", stage, "an augmentation sweep (eval.aug_levels="
+                      f"{tuple(levels)}) acts on the SR stages, but FID is measured on the "
+                      "base stage, which they do not touch",
+                      fix="pass --config.eval.fid_stage=1 (or --config.eval.aug_levels='()')")
   limit = integer(config, "eval.reference_limit")
   if limit != 0 and limit < 2:
     raise ConfigError("eval.reference_limit", limit, "must be 0 (all) or >= 2 (covariances)")
@@ -415,8 +504,8 @@ KINDS: dict[str, Kind] = {
                  why="trained stages are sampled and evaluated together through "
                      "configs/cascade.py"),
     "sr": Kind(modes=("build_data", "precompute", "train"),
-               checks=(check_model, check_data, check_text, check_schedule, check_sampler,
-                       check_train),
+               checks=(check_model, check_data, check_text, check_schedule, check_noise_aug,
+                       check_sampler, check_train),
                why="trained stages are sampled and evaluated together through "
                    "configs/cascade.py"),
     "cascade": Kind(modes=("sample", "eval"), checks=(check_cascade, check_cascade_eval),

@@ -5,6 +5,7 @@ chain checks, and launch.py --mode=sample."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,9 @@ from PIL import Image
 
 import stage_testing
 from imagen_jax import cascade as cascade_lib
+from imagen_jax import config_files
+from imagen_jax.diffusion import guidance, schedules
+from imagen_jax.train import samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["grinning face", "red apple", "rocket", "cat face", "a dog"]
@@ -59,6 +63,14 @@ def test_saved_files_and_settings(first):
   assert [s["resolution"] for s in settings["stages"]] == [16, 32, 64]
   assert settings["stages"][1]["aug_t"] == 0.2 and settings["stages"][0]["steps"] == 4
   assert settings["stages"][0]["weights"] == "ema:0.9"
+  # The SR stages' augmentation level in all three forms, on the schedule relating them:
+  # t=0.2 of cosine is log-SNR 2.2461, sigma 0.3093 (tests/diffusion/test_guidance.py).
+  for sr in settings["stages"][1:]:
+    assert sr["aug_t"] == 0.2 and sr["aug_schedule"] == "cosine"
+    assert sr["aug_logsnr"] == pytest.approx(2.2461, abs=5e-5)
+    assert sr["aug_sigma"] == pytest.approx(0.3093, abs=5e-5)
+    assert sr["aug_sigma"] == pytest.approx(math.sqrt(1 / (1 + math.exp(sr["aug_logsnr"]))))
+  assert "aug_t" not in settings["stages"][0]
 
 
 def test_same_seed_same_pixels_and_seed_matters(cascade, first):
@@ -95,6 +107,47 @@ def test_stage_overrides(cascade, first):
   np.testing.assert_array_equal(base_only.images[0], first.images[0][:2])
   with pytest.raises(cascade_lib.CascadeError, match="Unknown stage setting"):
     s.from_dict({"step": 3})
+
+
+def test_aug_level_overrides_in_any_form(cascade):
+  # One level given as a sigma or as the equivalent t samples the same images (one
+  # compiled sampler: the level is a call argument) and records the same three forms.
+  s = cascade_lib.StageSettings
+  level = guidance.aug_level(schedules.get_schedule("cosine"), t=0.35)
+  by_sigma = cascade.generate(PROMPTS[:2], seed=3, num_stages=2, progress=False,
+                              settings=[None, s(aug_sigma=level.sigma)])
+  by_t = cascade.generate(PROMPTS[:2], seed=3, num_stages=2, progress=False,
+                          settings=[None, s(aug_t=0.35)])
+  default = cascade.generate(PROMPTS[:2], seed=3, num_stages=2, progress=False)
+  rec_sigma, rec_t = by_sigma.settings["stages"][1], by_t.settings["stages"][1]
+  assert rec_sigma["aug_t"] == pytest.approx(0.35, abs=1e-9)
+  for key in ("aug_logsnr", "aug_sigma"):
+    assert rec_sigma[key] == pytest.approx(rec_t[key], rel=1e-9)
+  diff = np.abs(by_sigma.images[1].astype(int) - by_t.images[1])
+  assert diff.max() <= 1
+  assert (by_t.images[1] != default.images[1]).any()       # the level reaches the sampler
+  np.testing.assert_array_equal(by_t.images[0], default.images[0])  # base untouched
+  with pytest.raises(cascade_lib.CascadeError, match="exactly one"):
+    cascade.stages[1].settings(s(aug_t=0.2, aug_logsnr=2.0))
+  with pytest.raises(cascade_lib.CascadeError, match="outside"):
+    cascade.stages[1].settings(s(aug_logsnr=40.0))
+
+
+def test_stage_saved_before_the_aug_schedule_loads(stages, tmp_path):
+  # Checkpoints store their config; one written before noise_aug had its own schedule
+  # (and per / sample_logsnr / sample_sigma) augmented on diffusion.schedule: it still
+  # loads, and its level is read on that schedule.
+  config = config_files.load("configs/sr256.py", "smoke")
+  config.data.update(low_resolution=16, resolution=32)
+  config.diffusion.schedule = "linear"
+  config.diffusion.noise_aug = dict(max_t=1.0, sample_t=0.2)
+  path = stage_testing.write_stage(config, str(tmp_path / "old_sr"))
+  old = cascade_lib.Cascade.from_workdirs([stages[0], path])
+  rec = old.stages[1].settings()
+  assert rec["aug_schedule"] == "linear" and rec["aug_t"] == 0.2
+  assert rec["aug_logsnr"] == pytest.approx(
+      float(schedules.get_schedule("linear").logsnr(0.2)), rel=1e-5)
+  samples.make_sample_fn(old.stages[1].config, old.stages[1].graphdef)  # builds
 
 
 def test_chain_checks(stages, tmp_path):

@@ -208,3 +208,89 @@ def test_network_config_with_unknown_model_key_is_rejected():
   cfg.model.name = "vit"
   with pytest.raises(ConfigError, match="Did you mean|Allowed"):
     config_checks.check_model(cfg, "train")
+
+
+# SR noise-conditioning augmentation (diffusion.noise_aug) ------------------------------
+
+@pytest.mark.parametrize("name,variant", [(n, v) for n, v in NETWORK_CONFIGS if n != "base64"])
+def test_sr_configs_noise_aug_passes(name, variant):
+  assert config_checks.check_noise_aug in config_checks.KINDS["sr"].checks
+  config_checks.check_noise_aug(load_config(name, variant), "train")
+
+
+@pytest.mark.parametrize("updates, key, fragment", [
+    (dict(per="batches"), "per", "Did you mean 'batch'?"),
+    (dict(schedule="cosin"), "schedule", "Did you mean 'cosine'?"),
+    (dict(schedule_kw={"shif": 1.0}), "schedule_kw.shif", "Did you mean 'shift'?"),
+    (dict(max_t=1.5), "max_t", "within [0, 1]"),
+    (dict(sample_t=1.5), "sample_t", "in [0, 1], the range of t"),
+    (dict(sample_t=None), "sample_t", "no sampling augmentation level"),
+    (dict(sample_t=None, sample_logsnr=40.0), "sample_logsnr", "in [-15, 15]"),
+    (dict(sample_t=None, sample_sigma=1.0), "sample_sigma", "the range of sigma"),
+    (dict(sample_t=None, sample_sigma="0.3"), "sample_sigma", "must be a number"),
+    (dict(sample_sigma=0.3), "sample_sigma", "sample_t=0.2 is set too"),
+    (dict(sample_logsnr=0.71, sample_sigma=0.3, sample_t=None), "sample_sigma",
+     "sample_logsnr=0.71 is set too"),
+])
+def test_noise_aug_errors_name_the_key_and_the_fix(updates, key, fragment):
+  cfg = load_config("sr256", "smoke")
+  cfg.diffusion.noise_aug.update(updates)
+  with pytest.raises(ConfigError) as info:
+    config_checks.check_noise_aug(cfg, "train")
+  e = info.value
+  assert e.key == f"diffusion.noise_aug.{key}" and fragment in str(e), str(e)
+  assert "Fix: " in str(e)
+
+
+def test_noise_aug_two_levels_fix_works_on_the_command_line():
+  # The message's fix (=None on the other key) parses: the level keys are object-typed.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  def parse(*overrides):
+    argv = ["prog", f"--config={CONFIGS / 'sr256.py'}:smoke", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+  prefix = "--config.diffusion.noise_aug."
+  cfg = parse(f"{prefix}sample_logsnr=0.7093")
+  with pytest.raises(ConfigError) as info:
+    config_checks.check_noise_aug(cfg, "train")
+  assert "pass --config.diffusion.noise_aug.sample_t=None to use sample_logsnr" in str(
+      info.value)
+  cfg = parse(f"{prefix}sample_t=None", f"{prefix}sample_logsnr=0.7093")
+  config_checks.check_noise_aug(cfg, "train")
+  assert cfg.diffusion.noise_aug.sample_t is None
+  assert cfg.diffusion.noise_aug.sample_logsnr == 0.7093
+
+
+def test_cascade_aug_overrides_and_eval_sweep_checks():
+  demo = load_config("cascade", "demo")
+  demo.stage2.update(aug_t=0.2, aug_sigma=0.3)
+  e = error(demo, "sample")
+  assert e.key == "stage2.aug_sigma" and "stage2.aug_t=0.2 is set too" in str(e)
+  assert "pass only one of --config.stage2.aug_t and --config.stage2.aug_sigma" in str(e)
+  for key, value in (("aug_sigma", 1.0), ("aug_t", -0.1), ("aug_logsnr", float("inf"))):
+    demo = load_config("cascade", "demo")
+    demo.stage1[key] = value
+    assert error(demo, "sample").key == f"stage1.{key}"
+  demo = load_config("cascade", "demo")
+  demo.stage1.aug_logsnr = 0.71
+  validate(demo, "sample")
+
+  demo = load_config("cascade", "demo")
+  demo.eval.aug_levels = (0.1, 0.2, 0.3)
+  e = error(demo, "eval")  # fid_stage 0 is the base stage: the sweep would do nothing
+  assert e.key == "eval.fid_stage" and "--config.eval.fid_stage=1" in str(e)
+  demo.eval.fid_stage = 1
+  validate(demo, "eval")
+  demo.eval.aug_levels = (0.1, 1.5)
+  e = error(demo, "eval")
+  assert e.key == "eval.aug_levels" and "within [0, 1]" in str(e)
+  demo.eval.aug_level_kind = "logsnr"
+  validate(demo, "eval")
+  demo.eval.aug_level_kind = "sigmas"
+  assert "Did you mean 'sigma'?" in str(error(demo, "eval"))

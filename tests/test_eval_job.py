@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,6 +70,40 @@ def test_eval_writes_the_sweep(setup):
   again = eval_job.run(_config(stages[:2]), workdir)
   assert again["fid_floor"] == first["fid_floor"]
   assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in first["rows"]]
+
+
+def test_eval_sweeps_the_sr_aug_level(setup):
+  # One row per (weight, level): the SR stage samples its low-res input at each level,
+  # given here as sigmas; FID is measured at that stage (32 px), whose split gets built.
+  root, stages = setup
+  sr = config_files.load("configs/sr256.py", "smoke")
+  sr.data.update(low_resolution=16, resolution=32, data_dir=str(root / "tfds"))
+  datasets.make_builder(sr.data).download_and_prepare()
+  config = _config(stages[:2])
+  config.eval.update(fid_stage=1, guidance_weights=(3.0,), aug_levels=(0.2, 0.6),
+                     aug_level_kind="sigma", cascade_samples=False)
+  workdir = str(root / "aug")
+  rows = eval_job.run(config, workdir)["rows"]
+  assert [(r["guidance"], r["aug_level"]) for r in rows] == [(3.0, 0.2), (3.0, 0.6)]
+  for r, sigma in zip(rows, (0.2, 0.6)):
+    assert r["aug_sigma"] == pytest.approx(sigma, rel=1e-9)
+    assert r["aug_sigma"] == pytest.approx(math.sqrt(1 / (1 + math.exp(r["aug_logsnr"]))))
+    assert 0.0 < r["aug_t"] < 1.0 and np.isfinite(r["fid"])
+    assert r["aug_stages"] == [dict(stage=1, t=r["aug_t"], logsnr=r["aug_logsnr"],
+                                    sigma=r["aug_sigma"])]
+    sample_dir = os.path.join(workdir, "samples", f"guidance_3_aug_sigma_{sigma:g}")
+    with open(os.path.join(sample_dir, "settings.json")) as f:
+      assert json.load(f)["stages"][1]["aug_sigma"] == pytest.approx(sigma, rel=1e-9)
+    assert os.path.isfile(os.path.join(workdir, r["grid"]))
+  assert rows[0]["aug_logsnr"] > rows[1]["aug_logsnr"]  # more noise, lower log-SNR
+  assert rows[0]["fid"] != rows[1]["fid"]                 # the level reached the sampler
+  with open(os.path.join(workdir, "results.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert list(table[0])[:5] == ["guidance", "aug_t", "aug_logsnr", "aug_sigma", "fid"]
+  assert [float(r["aug_sigma"]) for r in table] == pytest.approx([0.2, 0.6])
+  assert "| aug_t | aug_logsnr | aug_sigma |" in open(os.path.join(workdir, "results.md")).read()
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "augmentation sweep" in report and "aug sigma=0.6" in report
 
 
 def test_alignment_model_learns_pairs():

@@ -1,4 +1,5 @@
-"""`--mode=eval` for configs/cascade.py: a guidance sweep scored by FID and text alignment.
+"""`--mode=eval` for configs/cascade.py: a guidance (and SR augmentation) sweep scored by FID
+and text alignment.
 
   python launch.py --config=configs/cascade.py:demo --workdir=runs/demo/eval --mode=eval
 
@@ -12,13 +13,20 @@ eval.guidance_weights, eval.num_images held-out captions are sampled through sta
              (imagen_jax.eval.clip_score), else the offline alignment score and its
              R-precision (imagen_jax.eval.alignment), trained on the train split.
 
+With eval.aug_levels set, every weight is also crossed with every level: the SR stages
+1..fid_stage sample their noise-augmented low-res input at that level (Imagen swept
+0.1-0.3), given as eval.aug_level_kind "t" (a time of each stage's augmentation
+schedule), "logsnr" or "sigma". Each such row records the level at stage fid_stage in all
+three forms (aug_t, aug_logsnr, aug_sigma); results.json and each row's settings.json hold
+every stage's.
+
 Two reference points frame the curve: the FID between train and held-out images (a floor
 no generator of this data should beat) and the alignment of real held-out pairs (the
 ceiling). Outputs in WORKDIR:
 
-  results.csv / results.md / results.json   one row per guidance weight
+  results.csv / results.md / results.json   one row per guidance weight (and aug level)
   fid_vs_alignment.png                      the Pareto curve (or fid_vs_clip.png)
-  samples/guidance_W/                       every sample (PNG), a captioned grid, settings
+  samples/guidance_W[_aug_K_L]/             every sample (PNG), a captioned grid, settings
   cascade/                                  sample.prompts through every stage (64/256/1024)
   report.md                                 all of the above on one page
   cache/                                    Inception features of the real splits and the
@@ -28,6 +36,7 @@ ceiling). Outputs in WORKDIR:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import time
@@ -42,6 +51,9 @@ from imagen_jax.data import datasets
 from imagen_jax.errors import UserError
 from imagen_jax.eval import alignment as align_lib
 from imagen_jax.eval import fid as fid_lib
+
+# The forms of an augmentation level a row records (cascade settings keys aug_<form>).
+AUG_FORMS = ("t", "logsnr", "sigma")
 
 
 def _text(value: Any) -> str:
@@ -183,11 +195,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   prompts = eval_prompts(ref_caps, int(ec.num_images), int(ec.seed))
   base_settings = cascade_job.stage_settings(config, fid_stage + 1)
+  aug_kind = ec.get("aug_level_kind", "t")
+  aug_levels = [float(v) for v in ec.get("aug_levels", ())]
   rows = []
-  for w in ec.guidance_weights:
-    settings = list(base_settings)
-    settings[0] = cascade_lib.StageSettings(**{**_asdict(settings[0]), "guidance": float(w)})
-    out_dir = os.path.join(workdir, "samples", f"guidance_{float(w):g}")
+  for w, level in sweep_points(ec.guidance_weights, aug_levels):
+    settings = sweep_settings(base_settings, w, aug_kind, level)
+    name = f"guidance_{w:g}" + ("" if level is None else f"_aug_{aug_kind}_{level:g}")
+    out_dir = os.path.join(workdir, "samples", name)
     began = time.perf_counter()
     out = cascade.generate(prompts, seed=int(ec.seed), settings=settings,
                            num_stages=fid_stage + 1, batch_size=int(ec.batch_size),
@@ -195,12 +209,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sample_s = time.perf_counter() - began
     images = out.images[-1]
     feats = fid_lib.inception_features(images, batch_size=ec.batch_size, weights=inception)
-    row = {"guidance": float(w), "fid": fid_lib.feature_distance(feats, ref_feats),
-           **scorer.score(feats, images, prompts), "num_images": len(images),
-           "sample_s": sample_s, "grid": os.path.relpath(
-               os.path.join(out_dir, f"grid_{images.shape[1]}px.png"), workdir)}
+    row: dict[str, Any] = {"guidance": w}
+    label = f"guidance {w:g}"
+    if level is not None:
+      stages_rec = out.settings["stages"]
+      row.update(aug_level=level, **{f"aug_{f}": stages_rec[fid_stage][f"aug_{f}"]
+                                     for f in AUG_FORMS},
+                 aug_stages=[dict(stage=k, **{f: stages_rec[k][f"aug_{f}"] for f in AUG_FORMS})
+                             for k in range(1, fid_stage + 1)])
+      label += f", aug {aug_kind}={level:g}"
+    row.update({"fid": fid_lib.feature_distance(feats, ref_feats),
+                **scorer.score(feats, images, prompts), "num_images": len(images),
+                "sample_s": sample_s, "grid": os.path.relpath(
+                    os.path.join(out_dir, f"grid_{images.shape[1]}px.png"), workdir)})
     rows.append(row)
-    print(f"guidance {w:g}: FID {row['fid']:.2f}, {metric} {row[metric]:.3f}"
+    print(f"{label}: FID {row['fid']:.2f}, {metric} {row[metric]:.3f}"
           + (f", R-precision {row['r_precision']:.3f}" if "r_precision" in row else ""))
 
   cascade_out = None
@@ -214,6 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     timings["cascade_samples_s"] = time.perf_counter() - began
 
   result = {"metric": metric, "rows": rows, "fid_floor": floor, "ceiling": ceiling,
+            "aug_sweep": dict(kind=aug_kind, levels=aug_levels) if aug_levels else None,
             "reference_images": len(ref_feats), "train_images": len(train_feats),
             "fid_stage": fid_stage, "resolution": stage.resolution,
             "stages": [dict(source=s.source, step=s.step, weights=s.weights,
@@ -229,9 +253,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return result
 
 
-def _asdict(s: cascade_lib.StageSettings | None) -> dict[str, Any]:
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  return dataclasses.asdict(s or cascade_lib.StageSettings())
+def sweep_points(weights: Sequence[float], aug_levels: Sequence[float]
+                 ) -> list[tuple[float, float | None]]:
+  """(guidance weight, aug level or None) per row: every weight at every level, weights
+  outermost; without levels, one row per weight."""
+  return [(float(w), lv) for w in weights for lv in (list(aug_levels) or [None])]
+
+
+def sweep_settings(base: Sequence[cascade_lib.StageSettings | None], weight: float,
+                   aug_kind: str, aug_level: float | None
+                   ) -> list[cascade_lib.StageSettings]:
+  """The per-stage settings of one row: stage 0 at `weight`, and with `aug_level` every
+  SR stage at that level (given as aug_kind: t, logsnr or sigma), replacing its own."""
+  out = [s or cascade_lib.StageSettings() for s in base]
+  out[0] = dataclasses.replace(out[0], guidance=float(weight))
+  if aug_level is not None:
+    level = dict(aug_t=None, aug_logsnr=None, aug_sigma=None)
+    level[f"aug_{aug_kind}"] = float(aug_level)
+    out[1:] = [dataclasses.replace(s, **level) for s in out[1:]]
+  return out
 
 
 def _real_images(data_cfg, split: str, limit: int) -> np.ndarray:
@@ -243,8 +283,9 @@ def _real_images(data_cfg, split: str, limit: int) -> np.ndarray:
 
 def write_results(result: dict[str, Any], workdir: str) -> None:
   rows, metric = result["rows"], result["metric"]
-  cols = ["guidance", "fid", metric] + (["r_precision"] if metric == "alignment" else []) + [
-      "num_images", "sample_s"]
+  aug = [f"aug_{f}" for f in AUG_FORMS] if result.get("aug_sweep") else []
+  cols = ["guidance"] + aug + ["fid", metric] + (
+      ["r_precision"] if metric == "alignment" else []) + ["num_images", "sample_s"]
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(cols)
@@ -255,8 +296,10 @@ def write_results(result: dict[str, Any], workdir: str) -> None:
   table = _markdown_table(rows, cols)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table)
+  sweep = result.get("aug_sweep")
   plot = plot_pareto(rows, metric, os.path.join(workdir, f"fid_vs_{metric}.png"),
-                     floor=result["fid_floor"], ceiling=result["ceiling"].get(metric))
+                     floor=result["fid_floor"], ceiling=result["ceiling"].get(metric),
+                     aug_kind=sweep["kind"] if sweep else None)
   write_report(result, workdir, table, plot)
 
 
@@ -273,18 +316,27 @@ def _markdown_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 
 def plot_pareto(rows: list[dict[str, Any]], metric: str, path: str, *,
-                floor: float | None = None, ceiling: float | None = None) -> str:
+                floor: float | None = None, ceiling: float | None = None,
+                aug_kind: str | None = None) -> str:
   """FID (down is better) against the alignment metric (right is better), one point per
-  guidance weight, joined in weight order: Imagen's Figure 4 axes."""
+  row: Imagen's Figure 4 axes. Points are joined in weight order, one line per aug level
+  when several weights were swept; with one weight, one line over the aug levels."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  xs = [r[metric] for r in rows]
-  ys = [r["fid"] for r in rows]
-  ax.plot(xs, ys, "o-", color="tab:blue", label="samples")
-  for r, x, y in zip(rows, xs, ys):
-    ax.annotate(f"w={r['guidance']:g}", (x, y), textcoords="offset points", xytext=(5, 5),
+  by_level = len({r["guidance"] for r in rows}) > 1
+  series: dict[Any, list[dict[str, Any]]] = {}
+  for r in rows:
+    series.setdefault(r.get("aug_level") if by_level else None, []).append(r)
+  for level, group in series.items():
+    label = "samples" if level is None else f"samples, aug {aug_kind}={level:g}"
+    ax.plot([r[metric] for r in group], [r["fid"] for r in group], "o-", label=label)
+  for r in rows:
+    text = f"w={r['guidance']:g}"
+    if r.get("aug_level") is not None:
+      text += f", {aug_kind}={r['aug_level']:g}"
+    ax.annotate(text, (r[metric], r["fid"]), textcoords="offset points", xytext=(5, 5),
                 fontsize=8)
   if floor is not None:
     ax.axhline(floor, color="tab:green", ls="--", lw=1, label="FID train vs held-out")
@@ -293,7 +345,8 @@ def plot_pareto(rows: list[dict[str, Any]], metric: str, path: str, *,
   ax.set_xlabel("CLIP score" if metric == "clip_score" else
                 "alignment score (offline model, not CLIP)")
   ax.set_ylabel("FID")
-  ax.set_title("FID vs text alignment over guidance weights")
+  ax.set_title("FID vs text alignment over guidance weights"
+               + (" and SR aug levels" if aug_kind else ""))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -317,8 +370,15 @@ def write_report(result: dict[str, Any], workdir: str, table: str, plot: str) ->
     for grid, secs in zip(c["grids"], c["seconds"]):
       lines += [f"![{grid}]({grid})", "",
                 f"{os.path.basename(grid)}: {secs:.1f} s (compilation included)", ""]
-  lines += [f"## Guidance sweep at {result['resolution']}px (stage {result['fid_stage']})", "",
-            f"FID against {result['reference_images']} held-out images; "
+  sweep = result.get("aug_sweep")
+  title = "Guidance and SR augmentation sweep" if sweep else "Guidance sweep"
+  lines += [f"## {title} at {result['resolution']}px (stage {result['fid_stage']})", ""]
+  if sweep:
+    levels = ", ".join(f"{v:g}" for v in sweep["levels"])
+    lines += [f"SR stages 1..{result['fid_stage']} sample their low-res input at each "
+              f"augmentation level {sweep['kind']} in ({levels}); the table gives the "
+              f"level at stage {result['fid_stage']} as t, log-SNR and sigma.", ""]
+  lines += [f"FID against {result['reference_images']} held-out images; "
             + ("CLIP score (torchmetrics' definition)." if metric == "clip_score" else
                "alignment score and R-precision from the offline alignment model "
                "(imagen_jax/eval/alignment.py; not CLIP score)."), "", table, "",
@@ -327,7 +387,10 @@ def write_report(result: dict[str, Any], workdir: str, table: str, plot: str) ->
             + ", ".join(f"{k} {_fmt(v)}" for k, v in result["ceiling"].items()) + ".", "",
             f"![{os.path.basename(plot)}]({os.path.basename(plot)})", ""]
   for r in result["rows"]:
-    lines += [f"Guidance {r['guidance']:g}:", "", f"![{r['grid']}]({r['grid']})", ""]
+    head = f"Guidance {r['guidance']:g}"
+    if r.get("aug_level") is not None:
+      head += f", aug {sweep['kind']}={r['aug_level']:g}"
+    lines += [f"{head}:", "", f"![{r['grid']}]({r['grid']})", ""]
   path = os.path.join(workdir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))

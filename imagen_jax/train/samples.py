@@ -1,7 +1,7 @@
 """Sampling a trained stage: the log's sample grids, and the cascade's per-stage step.
 
 `make_sample_fn(config, graphdef)` returns a jitted
-`fn(params, text, text_mask, rng, lowres=None) -> images [N, R, R, C]` that runs
+`fn(params, text, text_mask, rng, lowres=None, ...) -> images [N, R, R, C]` that runs
 config.diffusion.sampler with classifier-free guidance at config.log.guidance and
 config.diffusion.thresholding. Guidance follows `guidance.cfg_denoise_fn`:
 w * cond + (1 - w) * uncond, so w = 1 is the conditional model and w = 0 the
@@ -9,9 +9,11 @@ unconditional one; either takes one network pass per step, any other w one pass 
 doubled batch (the unconditional half is the same text with an all-False mask, which the
 networks read as "no text").
 
-An SR stage (config.kind == "sr") is conditioned on `lowres` noise-augmented to the fixed
-time config.diffusion.noise_aug.sample_t. It samples at the full config.data.resolution
-even when it trained on crops: the Efficient U-Net is fully convolutional.
+An SR stage (config.kind == "sr") is conditioned on `lowres` noise-augmented to one fixed
+level: config.diffusion.noise_aug's sampling level (sample_t, sample_logsnr or
+sample_sigma on the augmentation's own schedule, resolved by `guidance.NoiseAug`), or a
+log-SNR given per call. It samples at the full config.data.resolution even when it
+trained on crops: the Efficient U-Net is fully convolutional.
 
 `rng` is one PRNG key, or a batch of keys [N] (one per image): then image i's starting
 noise and low-res augmentation noise come from key i alone, so with a deterministic
@@ -79,7 +81,8 @@ def _resolution(config: ml_collections.ConfigDict) -> int:
 
 def make_sample_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                    rest: Any = None, *, guidance_scale: float | None = None) -> SampleFn:
-  """`fn(params, text, text_mask, rng, lowres=None, rest=None, guidance_scale=None)`.
+  """`fn(params, text, text_mask, rng, lowres=None, rest=None, guidance_scale=None,
+  aug_logsnr=None)`.
 
   Args:
     config: a stage config (sections kind, model, diffusion, data, log).
@@ -93,7 +96,9 @@ def make_sample_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   [N, r, r, C] in [-1, 1]; it returns float32 images [N, R, R, C]. `guidance_scale`
   overrides the weight per call: a Python 0 or 1 takes a single-pass program, any other
   weight (or an array) the doubled-batch one, which is compiled once for all weights, so
-  a guidance sweep does not recompile.
+  a guidance sweep does not recompile. `aug_logsnr` (SR stages) overrides the low-res
+  input's augmentation level, as a log-SNR (`guidance.aug_level` converts a t or sigma);
+  it is a traced argument too, so an augmentation sweep does not recompile either.
   """
   is_sr = config.kind == "sr"
   dc = config.diffusion
@@ -103,13 +108,14 @@ def make_sample_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   default_scale = float(config.log.guidance if guidance_scale is None else guidance_scale)
   threshold = dc.get("thresholding", "dynamic")
   percentile = float(dc.get("threshold_percentile", 99.5))
-  aug_t = float(dc.noise_aug.sample_t) if is_sr else None
+  # Resolved once, on the host: a config with no valid level fails here, not in a trace.
+  default_aug = guidance.NoiseAug.from_config(dc).sample_level().logsnr if is_sr else 0.0
   res = _resolution(config)
   channels = int(config.model.get("in_channels", 3))
   default_rest = [rest]
 
   @functools.partial(jax.jit, static_argnames="branches")
-  def sample(params, text, text_mask, rng, lowres, rest_state, scale, branches):
+  def sample(params, text, text_mask, rng, lowres, rest_state, scale, aug_logsnr, branches):
     states = rest_state if isinstance(rest_state, (tuple, list)) else (rest_state,)
     model = nnx.merge(graphdef, params, *states)
     model.eval()  # dropout off
@@ -128,7 +134,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
       aug_noise = (jax.random.normal(aug_key, lowres.shape, jnp.float32) if is_sr else None)
     extra = ()
     if is_sr:
-      aug_logsnr = schedule.logsnr(jnp.full((n,), aug_t, jnp.float32))
+      aug_logsnr = jnp.broadcast_to(aug_logsnr, (n,))
       extra = (objectives.diffuse(lowres.astype(jnp.float32), aug_noise, aug_logsnr),
                aug_logsnr)
 
@@ -155,7 +161,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     return out.x.astype(jnp.float32)
 
   def fn(params, text: Array, text_mask: Array, rng: Array, lowres: Array | None = None,
-         rest: Any = None, guidance_scale: float | Array | None = None) -> Array:
+         rest: Any = None, guidance_scale: float | Array | None = None,
+         aug_logsnr: float | Array | None = None) -> Array:
     if is_sr and lowres is None:
       raise ValueError("an SR stage (config.kind='sr') samples from `lowres` images; "
                        "got lowres=None.")
@@ -166,7 +173,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     scale = default_scale if guidance_scale is None else guidance_scale
     branches = {0.0: "uncond", 1.0: "cond"}.get(scale, "both") \
         if isinstance(scale, (int, float)) else "both"
+    aug = default_aug if aug_logsnr is None or not is_sr else aug_logsnr
     return sample(params, text, text_mask, rng, lowres if is_sr else None, rest,
-                  jnp.float32(scale), branches)
+                  jnp.float32(scale), jnp.float32(aug), branches)
 
   return fn

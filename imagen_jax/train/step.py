@@ -6,9 +6,11 @@ Per step, with key = fold_in(state.rng, state.step), so a step is a pure functio
      drawn exactly as `objectives.diffusion_loss` draws from its key), classifier-free
      guidance text dropout (an example's whole text_mask set False, the networks' "no
      text" input), and for SR stages noise-conditioning augmentation of the low-res input
-     (aug_t ~ U[0, max_t] of the diffusion schedule; the network gets its log-SNR). All
-     of it is drawn for the whole batch before any split into micro-batches, so
-     `accum_steps` does not change the noise (dropout masks, drawn per micro-batch, do).
+     (aug_t ~ U[0, max_t] per example or per batch, on the augmentation's own schedule
+     `diffusion.noise_aug.schedule`, so a change of the diffusion schedule leaves it
+     bit-identical; the network gets its log-SNR). All of it is drawn for the whole
+     batch before any split into micro-batches, so `accum_steps` does not change the
+     noise (dropout masks, drawn per micro-batch, do).
   2. dropout layers are reseeded from the same key (nnx.reseed).
   3. gradients of the mean loss, averaged over `accum_steps` micro-batches (lax.scan;
      accum_steps = 1 runs without the loop, which XLA:CPU runs ~2.5x slower). Micro-batch
@@ -126,10 +128,11 @@ def prepare_inputs(config, batch: Mapping[str, Array], rng: Array) -> dict[str, 
   out = dict(x_t=objectives.diffuse(x0, eps, logsnr), logsnr=logsnr, x0=x0, eps=eps,
              text=batch["text"], text_mask=jnp.asarray(batch["text_mask"], bool) & keep[:, None])
   if config.kind == "sr":
+    aug = guidance.NoiseAug.from_config(config.diffusion)
     k_aug_t, k_aug_eps = jax.random.split(k_aug)
-    aug_t = guidance.sample_aug_t(k_aug_t, b, max_t=float(config.diffusion.noise_aug.max_t))
+    aug_t = guidance.sample_aug_t(k_aug_t, b, max_t=aug.max_t, per=aug.per)
     out["lowres"], out["aug_logsnr"] = guidance.noise_augment(k_aug_eps, batch["lowres"],
-                                                              aug_t, schedule)
+                                                              aug_t, aug.schedule)
   return out
 
 

@@ -1,5 +1,7 @@
 """Classifier-free guidance, thresholding and noise-conditioning augmentation."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +97,90 @@ def test_noise_augment():
   np.testing.assert_allclose(x0_aug, x[:4], atol=5e-3)  # sigma(15) = 5.5e-4, 8 sigma
   levels = G.sample_aug_t(jax.random.PRNGKey(6), 1000, max_t=0.5)
   assert 0.0 <= float(levels.min()) and float(levels.max()) <= 0.5
+
+
+# Noise-conditioning augmentation levels: t, log-SNR and sigma ------------------------
+
+
+def _closed_form_cosine(t: float) -> float:
+  """lambda(t) of the clipped cosine schedule on [-15, 15], in Python floats."""
+  u0 = 2 / math.pi * math.atan(math.exp(-7.5))
+  u1 = 2 / math.pi * math.atan(math.exp(7.5))
+  return -2.0 * math.log(math.tan(0.5 * math.pi * (u0 + t * (u1 - u0))))
+
+
+def test_aug_level_default_on_cosine_in_three_forms():
+  # The configs' default sample_t=0.2 (their comments quote these numbers).
+  level = G.aug_level(S.get_schedule("cosine"), t=0.2)
+  assert level.t == 0.2
+  assert level.logsnr == pytest.approx(_closed_form_cosine(0.2), rel=1e-12)
+  assert level.logsnr == pytest.approx(2.2461, abs=5e-5)
+  assert level.sigma == pytest.approx(math.sqrt(1.0 / (1.0 + math.exp(level.logsnr))),
+                                      rel=1e-12)
+  assert level.sigma == pytest.approx(0.3093, abs=5e-5)
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "sigmoid", "edm"])
+@pytest.mark.parametrize("t", [0.0, 0.1, 0.2, 0.3, 0.9])
+def test_aug_level_forms_resolve_to_the_same_logsnr(name, t):
+  sched = S.get_schedule(name)
+  by_t = G.aug_level(sched, t=t)
+  by_logsnr = G.aug_level(sched, logsnr=by_t.logsnr)
+  by_sigma = G.aug_level(sched, sigma=by_t.sigma)
+  assert by_logsnr.logsnr == by_t.logsnr
+  # float64 round trips through sigma and the schedule's inverse.
+  assert by_sigma.logsnr == pytest.approx(by_t.logsnr, rel=1e-9, abs=1e-9)
+  for other in (by_logsnr, by_sigma):
+    assert other.t == pytest.approx(t, abs=1e-9)
+    assert other.sigma == pytest.approx(by_t.sigma, rel=1e-9)
+  # And the log-SNR is the one training's noise_augment conditions on at that t.
+  np.testing.assert_allclose(by_t.logsnr, float(sched.logsnr(jnp.float32(t))), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_aug_level_rejects_none_several_and_out_of_range():
+  sched = S.get_schedule("cosine")
+  with pytest.raises(ValueError, match="exactly one"):
+    G.aug_level(sched)
+  with pytest.raises(ValueError, match="exactly one"):
+    G.aug_level(sched, t=0.2, sigma=0.3)
+  for kw in (dict(t=1.5), dict(t=-0.1), dict(logsnr=20.0), dict(sigma=0.0), dict(sigma=1.0),
+             dict(t=float("nan"))):
+    with pytest.raises(ValueError, match="outside"):
+      G.aug_level(sched, **kw)
+  lo, hi = G.aug_level_range(sched)["sigma"]
+  assert 0.0 < lo < 1e-3 and 1.0 - 1e-3 < hi < 1.0
+
+
+def test_sample_aug_t_per_batch_or_per_example():
+  rng = jax.random.PRNGKey(7)
+  # Per example is the draw training always made (bit-identical).
+  np.testing.assert_array_equal(G.sample_aug_t(rng, 64, max_t=0.5),
+                                jax.random.uniform(rng, (64,), maxval=0.5))
+  per_ex = np.asarray(G.sample_aug_t(rng, 64, max_t=0.5, per="example"))
+  assert len(np.unique(per_ex)) == 64
+  per_batch = np.asarray(G.sample_aug_t(rng, 64, max_t=0.5, per="batch"))
+  assert per_batch.shape == (64,) and len(np.unique(per_batch)) == 1
+  levels = np.array([G.sample_aug_t(jax.random.PRNGKey(i), 4, 0.5, "batch")[0]
+                     for i in range(200)])
+  assert 0.0 <= levels.min() and levels.max() <= 0.5 and levels.std() > 0.1  # U[0, 0.5]
+  with pytest.raises(ValueError, match="per"):
+    G.sample_aug_t(rng, 4, per="step")
+
+
+def test_noise_aug_from_config_new_and_old():
+  new = dict(schedule="linear", schedule_kw={},
+             noise_aug=dict(schedule="cosine", schedule_kw={"logsnr_min": -12.0}, max_t=0.5,
+                            per="batch", sample_t=None, sample_logsnr=None, sample_sigma=0.4))
+  aug = G.NoiseAug.from_config(new)
+  assert aug.schedule == S.get_schedule("cosine", logsnr_min=-12.0)
+  assert (aug.max_t, aug.per) == (0.5, "batch")
+  assert aug.sample_level().sigma == 0.4
+  # A config saved before noise_aug had its own schedule: it augmented on the diffusion
+  # schedule, per example, at sample_t.
+  old = dict(schedule="linear", schedule_kw={"logsnr_max": 9.0},
+             noise_aug=dict(max_t=1.0, sample_t=0.2))
+  aug = G.NoiseAug.from_config(old)
+  assert aug.schedule == S.get_schedule("linear", logsnr_max=9.0)
+  assert aug.per == "example"
+  assert aug.sample_level().logsnr == G.aug_level(aug.schedule, t=0.2).logsnr

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from imagen_jax import config_files
+from imagen_jax.diffusion import guidance, schedules
 from imagen_jax.models import build_model
 from imagen_jax.train import samples
 
@@ -125,3 +126,25 @@ def test_sampler_kwargs_and_schedule_from_config():
   assert "eta" not in samples.sampler_kwargs(config.diffusion.sampler)
   config.diffusion.schedule_kw = {"logsnr_min": -12.0}
   assert samples.schedule_from_config(config.diffusion).logsnr_min == -12.0
+
+
+def test_sr_aug_level_from_config_in_any_form_or_per_call():
+  # The config gives the level as a sigma; the same level as a per-call log-SNR (resolved
+  # from the equivalent t) samples the same images, and another level other images, all
+  # from one compiled program.
+  config, graphdef, params, (text, mask, lowres) = stage("configs/sr256.py")
+  cosine = schedules.get_schedule("cosine")
+  level = guidance.aug_level(cosine, t=0.3)
+  config.diffusion.noise_aug.update(sample_t=None, sample_sigma=level.sigma)
+  fn = samples.make_sample_fn(config, graphdef)
+  key = jax.random.key(0)
+  x = fn(params, text, mask, key, lowres=lowres)
+  same = fn(params, text, mask, key, lowres=lowres,
+            aug_logsnr=guidance.aug_level(cosine, t=0.3).logsnr)
+  np.testing.assert_allclose(same, x, atol=1e-5)
+  other = fn(params, text, mask, key, lowres=lowres, aug_logsnr=-5.0)
+  assert float(jnp.abs(other - x).max()) > 1e-3
+  # A config with no valid level fails when the sampler is built, naming the forms.
+  config.diffusion.noise_aug.sample_t = 0.2
+  with pytest.raises(ValueError, match="exactly one"):
+    samples.make_sample_fn(config, graphdef)

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from imagen_jax import config_files, sharding
-from imagen_jax.diffusion import objectives
+from imagen_jax.diffusion import guidance, objectives
 from imagen_jax.diffusion.schedules import get_schedule
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
@@ -138,9 +138,11 @@ def test_sr_smoke_trains_with_noise_augmentation():
   batches = synthetic_batches(config, 2, seed=1)
   losses = run("sr", SINGLE, batches, 16)[0]["loss"]
   assert np.isfinite(losses).all()
-  # A smaller network (127k params) at lr warming up over 5 steps: the loss falls
-  # steadily but slowly (measured last-4 / first-4 = 0.81 with seed 1); 0.9 leaves margin.
-  assert losses[-4:].mean() < 0.9 * losses[:4].mean(), losses
+  # A smaller network (132k params, its levels at 1/2 and 1/4 of the 32 px input) at lr
+  # warming up over 5 steps: the loss falls steadily but slowly (measured last-4 /
+  # first-4 = 0.942 with seed 1, deterministic on CPU; an untrained network stays at
+  # 1.0 +- 0.005 here); 0.97 leaves margin.
+  assert losses[-4:].mean() < 0.97 * losses[:4].mean(), losses
 
 
 # Meshes -------------------------------------------------------------------------------
@@ -346,6 +348,64 @@ def test_sr_inputs_are_noise_augmented():
   with pytest.raises(KeyError, match="lowres"):
     step_lib.prepare_inputs(config, {k: v for k, v in batch.items() if k != "lowres"},
                             jax.random.key(0))
+
+
+def _aug_inputs(config, seed: int = 11):
+  batch = synthetic_batches(config, 1, batch=32, seed=seed)[0]
+  return step_lib.prepare_inputs(config, batch, jax.random.key(3)), batch
+
+
+def test_sr_augmentation_is_independent_of_the_diffusion_schedule():
+  # An ablation of the training schedule must not change the augmentation: the low-res
+  # input and its level are bit-identical under every diffusion schedule (they used to
+  # follow diffusion.schedule), while the diffusion noise levels do change.
+  ref, batch = _aug_inputs(load("sr"))
+  for name in ("linear", "sigmoid", "edm"):
+    config = load("sr")
+    config.diffusion.schedule = name
+    inputs = step_lib.prepare_inputs(config, batch, jax.random.key(3))
+    np.testing.assert_array_equal(inputs["lowres"], ref["lowres"])
+    np.testing.assert_array_equal(inputs["aug_logsnr"], ref["aug_logsnr"])
+    assert not np.allclose(inputs["logsnr"], ref["logsnr"])
+  # The default draw (per example, on cosine) is exactly the one training always made:
+  # aug_t ~ U[0, max_t] from the second half of the third subkey.
+  k_aug_t, k_aug_eps = jax.random.split(jax.random.split(jax.random.key(3), 3)[2])
+  aug_t = jax.random.uniform(k_aug_t, (32,), maxval=1.0)
+  lowres, aug_logsnr = guidance.noise_augment(k_aug_eps, batch["lowres"], aug_t,
+                                              get_schedule("cosine"))
+  np.testing.assert_array_equal(ref["aug_logsnr"], aug_logsnr)
+  np.testing.assert_array_equal(ref["lowres"], lowres)
+
+
+def test_sr_augmentation_schedule_is_its_own_and_old_configs_keep_theirs():
+  ref, batch = _aug_inputs(load("sr"))
+  config = load("sr")
+  config.diffusion.noise_aug.schedule = "linear"
+  linear = step_lib.prepare_inputs(config, batch, jax.random.key(3))
+  assert not np.allclose(linear["aug_logsnr"], ref["aug_logsnr"])
+  np.testing.assert_array_equal(linear["logsnr"], ref["logsnr"])  # diffusion untouched
+  # A config saved before noise_aug had its own schedule augmented on diffusion.schedule.
+  old = load("sr")
+  old.diffusion.schedule = "linear"
+  for key in ("schedule", "schedule_kw", "per", "sample_logsnr", "sample_sigma"):
+    del old.diffusion.noise_aug[key]
+  inputs = step_lib.prepare_inputs(old, batch, jax.random.key(3))
+  np.testing.assert_array_equal(inputs["aug_logsnr"], linear["aug_logsnr"])
+  np.testing.assert_array_equal(inputs["lowres"], linear["lowres"])
+
+
+def test_sr_augmentation_per_batch_draws_one_level():
+  config = load("sr")
+  config.diffusion.noise_aug.per = "batch"
+  levels = []
+  for seed in range(3):
+    batch = synthetic_batches(config, 1, batch=16, seed=seed)[0]
+    aug = np.asarray(step_lib.prepare_inputs(config, batch, jax.random.key(seed))["aug_logsnr"])
+    assert len(np.unique(aug)) == 1  # one level for the whole batch
+    levels.append(aug[0])
+  assert len(np.unique(levels)) == 3  # and a new one each step
+  per_example = step_lib.prepare_inputs(load("sr"), batch, jax.random.key(2))["aug_logsnr"]
+  assert len(np.unique(np.asarray(per_example))) == 16
 
 
 def test_reseed_dropout_is_a_function_of_the_key():
