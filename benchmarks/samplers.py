@@ -1,6 +1,7 @@
 r"""Sampler quality against an exact denoiser: schedules x methods x NFE on Gaussian mixtures.
 
-  python benchmarks/samplers.py            # full table (about 5.5 minutes on 2 CPU cores)
+  python benchmarks/samplers.py            # full table (5.5 minutes on 2 idle CPU cores
+                                           # before the 3M warm-up rows, a third more runs)
   python benchmarks/samplers.py --quick    # a smoke-sized subset, under a minute
 
 A Gaussian mixture has a closed-form Bayes-optimal denoiser E[x0 | x_t]
@@ -22,6 +23,9 @@ grid x method x NFE budget this draws samples with `samplers.sample` and measure
 * wall_s:      run time of the compiled sampler (compile time is in compile_s).
 
 Every method and schedule starts from the same noise key, so comparisons are paired.
+dpmpp_3m runs with each form of its second-order warm-up step (`samplers.WARMUPS`):
+"dpmpp_3m" is the default, "dpmpp_3m/<form>" the others; samplers.md compares them in
+a section of its own, which adds budgets of 3 and 4 NFE for those rows only.
 Schedules use their own time spacing (grid="t"); cosine is repeated on a grid uniform in
 log-SNR ("cosine/logsnr-grid"). Outputs, in --out (default benchmarks/results/):
 samplers.csv, samplers.md (SW and ODE-error tables) and samplers.png (SW vs NFE).
@@ -55,9 +59,21 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 Array = jax.Array
 Row = dict[str, Any]
 
-METHODS = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "heun")
+# Row label -> (sampler method, its options). 3M is run with every warm-up form: the
+# default under its own name, the others as "dpmpp_3m/<form>".
+VARIANTS: dict[str, tuple[str, tuple[tuple[str, Any], ...]]] = {
+    "ddim": ("ddim", ()), "ddpm": ("ddpm", ()), "dpmpp_2m": ("dpmpp_2m", ()),
+    "dpmpp_3m": ("dpmpp_3m", ()),
+    **{f"dpmpp_3m/{w}": ("dpmpp_3m", (("warmup", w),)) for w in samplers.WARMUPS[1:]},
+    "heun": ("heun", ()),
+}
+METHODS = tuple(VARIANTS)
+WARMUP_ROWS = tuple(m for m in METHODS if m.startswith("dpmpp_3m"))
+# Extra budgets run for the 3M rows only (shown in the warm-up section, not the main
+# tables): at 3 NFE the warm-up step is the last one before x0_hat, where its form counts.
+WARMUP_NFES = (3, 4)
 STOCHASTIC = frozenset({"ddpm"})  # no single ODE solution to compare against
-REF_METHOD, REF_GRID = "dpmpp_3m", "logsnr"
+REF_METHOD, REF_GRID = "dpmpp_3m", "logsnr"  # default warm-up: at 2000 steps the form is moot
 # Fixed seeds: one noise key shared by every run; data, projections and floor draws apart.
 NOISE_SEED, DATA_SEED, SW_SEED, FLOOR_SEED = 0, 1, 2, 3
 SW_PROJECTIONS = 256
@@ -104,10 +120,10 @@ def mixture_specs(samples_2d: int, samples_64d: int) -> tuple[MixtureSpec, ...]:
 # Sampling -------------------------------------------------------------------------------
 
 def run_sampler(gmm: testbed.GaussianMixture, schedule: schedules.Schedule, n: int,
-                method: str, steps: int, grid: str) -> tuple[Array, int, float, float]:
+                method: str, steps: int, grid: str, **kw) -> tuple[Array, int, float, float]:
   """Compiles and runs one sampler; returns (samples, nfe, compile_s, wall_s)."""
   fn = jax.jit(functools.partial(samplers.sample, gmm.denoise, schedule, shape=(n, gmm.dim),
-                                 method=method, steps=steps, grid=grid))
+                                 method=method, steps=steps, grid=grid, **kw))
   rng = jax.random.key(NOISE_SEED)
   t0 = time.perf_counter()
   compiled = fn.lower(rng).compile()
@@ -172,17 +188,19 @@ def rms_distance(x: Array, ref: Array) -> float:
   return float(jnp.sqrt(jnp.mean(jnp.sum(jnp.square(x - ref), axis=-1))))
 
 
-def run_config(ctx: MixtureContext, sched: ScheduleSpec, method: str, nfe_budget: int) -> Row:
-  """Samples one configuration and measures it against data and the reference."""
+def run_config(ctx: MixtureContext, sched: ScheduleSpec, label: str, nfe_budget: int) -> Row:
+  """Samples one configuration (a VARIANTS label) and measures it against data and the
+  reference."""
   schedule = sched.build()
+  method, options = VARIANTS[label]
   steps = samplers.steps_for_nfe(method, nfe_budget)
   x, nfe, compile_s, wall_s = run_sampler(ctx.gmm, schedule, ctx.spec.samples, method,
-                                          steps, sched.grid)
+                                          steps, sched.grid, **dict(options))
   mean_err, cov_err = testbed.moment_errors(x, ctx.gmm)
   return dict(mixture=ctx.spec.name, dim=ctx.gmm.dim, schedule=sched.label, grid=sched.grid,
-              method=method, nfe_budget=nfe_budget, steps=steps, nfe=nfe, sw=ctx.sw_to_data(x),
+              method=label, nfe_budget=nfe_budget, steps=steps, nfe=nfe, sw=ctx.sw_to_data(x),
               sw_floor=ctx.sw_floor, mean_err=float(mean_err), cov_rel_err=float(cov_err),
-              ode_err=None if method in STOCHASTIC else rms_distance(x, ctx.reference(schedule)),
+              ode_err=None if label in STOCHASTIC else rms_distance(x, ctx.reference(schedule)),
               compile_s=compile_s, wall_s=wall_s)
 
 
@@ -225,9 +243,33 @@ def _table(rows: Sequence[Row], key: str, methods: Sequence[str], nfes: Sequence
   return lines
 
 
-def write_markdown(rows: Sequence[Row], path: str, command: str, total_s: float,
-                   ref_steps: int, floor_ranges: dict[str, tuple[float, float]]) -> None:
-  nfes = sorted({r["nfe_budget"] for r in rows})
+def warmup_summary(rows: Sequence[Row]) -> list[str]:
+  """Markdown table per mixture and NFE: in how many schedules the default 3M warm-up
+  has the lower ODE error, and the other form's error over the default's."""
+  default = WARMUP_ROWS[0]
+  cell = {(r["mixture"], r["schedule"], r["nfe_budget"], r["method"]): r["ode_err"]
+          for r in rows if r["method"] in WARMUP_ROWS}
+  lines = ["| mixture | NFE | other form | default lower in | other / default ODE error: "
+           "geometric mean | min | max |", "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+  for mix in dict.fromkeys(r["mixture"] for r in rows):
+    for n in sorted({k[2] for k in cell if k[0] == mix}):
+      for other in WARMUP_ROWS[1:]:
+        ratio = np.array([cell[mix, s, n, other] / v for (m, s, nn, meth), v in cell.items()
+                          if m == mix and nn == n and meth == default
+                          and (mix, s, n, other) in cell])
+        if ratio.size:
+          lines.append(f"| {mix} | {n} | `{other}` | {int(np.sum(ratio > 1))} of {ratio.size} | "
+                       f"{np.exp(np.mean(np.log(ratio))):.4f} | {ratio.min():.4f} | "
+                       f"{ratio.max():.4f} |")
+  return lines
+
+
+def write_markdown(all_rows: Sequence[Row], path: str, command: str, total_s: float,
+                   ref_steps: int, floor_ranges: dict[str, tuple[float, float]],
+                   nfes: Sequence[int]) -> None:
+  """Main tables over the `nfes` budgets; the warm-up section over every budget run."""
+  nfes = sorted(nfes)
+  rows = [r for r in all_rows if r["nfe_budget"] in nfes]
   heun = sorted({r["nfe"] for r in rows if r["method"] == "heun"})
   out = ["# Sampler quality on Gaussian mixtures (exact denoiser)", "",
          f"Produced by `{command}` in {total_s:.0f} s "
@@ -253,6 +295,25 @@ def write_markdown(rows: Sequence[Row], path: str, command: str, total_s: float,
   for mix in dict.fromkeys(r["mixture"] for r in rows):
     mrows = [r for r in rows if r["mixture"] == mix and r["ode_err"] is not None]
     out += [f"### {mix}", ""] + _table(mrows, "ode_err", METHODS, nfes) + [""]
+  if len(WARMUP_ROWS) > 1 and any(r["method"] in WARMUP_ROWS[1:] for r in all_rows):
+    forms = ", ".join(f"`{m}` ({w})" for m, w in zip(WARMUP_ROWS, samplers.WARMUPS))
+    wrows = [r for r in all_rows if r["method"] in WARMUP_ROWS]
+    wnfes = sorted({r["nfe_budget"] for r in wrows})
+    out += ["## DPM-Solver++(3M) warm-up", "",
+            "3M's second step, the first with one history point, is second order. Its forms "
+            f"(`warmup=`): {forms}; the first is the default. taylor integrates the linear "
+            "extrapolation of x0_hat exactly, as k-diffusion's `sample_dpmpp_3m_sde` (eta = 0) "
+            "does; midpoint is 2M's step. The runs are the same as above, plus "
+            f"NFE {', '.join(map(str, WARMUP_NFES))} for these two rows only: with 3 levels the "
+            "warm-up step is the last one before x0_hat. Per NFE: the number of schedules in "
+            "which the default has the lower ODE error, and the other form's ODE error over "
+            "the default's (above 1: the default is better).", ""]
+    out += warmup_summary(wrows) + [""]
+    for mix in dict.fromkeys(r["mixture"] for r in wrows):
+      mrows = [r for r in wrows if r["mixture"] == mix]
+      out += [f"### {mix}: ODE error", ""] + _table(mrows, "ode_err", WARMUP_ROWS, wnfes) + [""]
+      out += [f"### {mix}: sliced Wasserstein", ""] + _table(
+          mrows, "sw", WARMUP_ROWS, wnfes, mrows[0]["sw_floor"]) + [""]
   with open(path, "w") as f:
     f.write("\n".join(out))
 
@@ -282,7 +343,8 @@ def plot(rows: Sequence[Row], path: str, clip: float = 30.0) -> None:
           continue
         x, y = np.array(pts).T
         y = np.where(np.isfinite(y), y, np.inf)
-        ax.plot(x, np.minimum(y, top), "o-", ms=3, color=colors[meth], label=meth)
+        style = "o:" if "/" in meth else "o-"  # a non-default variant of a method
+        ax.plot(x, np.minimum(y, top), style, ms=3, color=colors[meth], label=meth)
         over = y > top
         ax.plot(x[over], np.full(over.sum(), top), "^", ms=7, color=colors[meth])
       ax.axhline(floor, color="k", ls="--", lw=1, label="noise floor")
@@ -335,8 +397,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   os.makedirs(out_dir, exist_ok=True)
 
   start = time.perf_counter()
-  plan = [(m, s, meth, n) for m in mixture_specs(n2, n64) for s in specs
-          for meth in METHODS for n in nfes]
+  mixes = mixture_specs(n2, n64)
+  plan = [(m, s, meth, n) for m in mixes for s in specs for meth in METHODS for n in nfes]
+  plan += [(m, s, meth, n) for m in mixes for s in specs
+           for meth in WARMUP_ROWS for n in WARMUP_NFES if n not in nfes]
   contexts: dict[str, MixtureContext] = {}
   rows = []
   for mix, sched, meth, n in tqdm(plan, desc="sampler runs", unit="run"):
@@ -348,8 +412,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   command = shlex.join(["python", "benchmarks/samplers.py", *(sys.argv[1:] if argv is None else argv)])
   write_csv(rows, os.path.join(out_dir, "samplers.csv"))
   write_markdown(rows, os.path.join(out_dir, "samplers.md"), command, total, ref_steps,
-                 {name: ctx.floor_range for name, ctx in contexts.items()})
-  plot(rows, os.path.join(out_dir, "samplers.png"))
+                 {name: ctx.floor_range for name, ctx in contexts.items()}, nfes)
+  plot([r for r in rows if r["nfe_budget"] in nfes], os.path.join(out_dir, "samplers.png"))
   print(f"{len(rows)} runs in {total:.0f} s; wrote samplers.csv/.md/.png to {out_dir}")
 
 
