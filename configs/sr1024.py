@@ -108,8 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.ckpt = dict(every=1000, keep=3, keep_every=0, async_save=True)
   # Logging: scalars every `every` steps; an EMA sample grid of `prompts` every
-  # sample_every steps; MFU against peak_flops (per device; 144e9 = the 2-core CPU).
-  c.log = dict(every=50, sample_every=5000, guidance=3.0, peak_flops=144e9,
+  # sample_every steps; MFU against peak_flops per device (0: the device's own,
+  # imagen_jax/runtime.py: the data sheet's dense bf16 for GPU/TPU, measured for a CPU).
+  c.log = dict(every=50, sample_every=5000, guidance=3.0, peak_flops=0.0,
                prompts=("grinning face, twemoji style", "red apple, openmoji style",
                         "rocket, twemoji style", "cat face, openmoji style"))
 

@@ -377,7 +377,7 @@ def check_train(config: ml_collections.ConfigDict, mode: str) -> None:
     raise ConfigError("log.sample_every", get(config, "log.sample_every"),
                       "must be an integer >= 0 (0 = no sample grids)")
   number(config, "log.guidance", low=0.0)
-  number(config, "log.peak_flops", low=0.0, strict=True)
+  number(config, "log.peak_flops", low=0.0)
   one_of(config, "diffusion.thresholding", ("dynamic", "static", "none"))
   positive_int(config, "data.workers", minimum=0)
 

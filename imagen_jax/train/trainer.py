@@ -32,6 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from imagen_jax import runtime
 from imagen_jax import text as text_lib
 from imagen_jax.data import datasets, pipeline
 from imagen_jax.errors import UserError
@@ -123,7 +124,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   sample_inputs = _sample_inputs(config, text_source, config.data)
 
   logger = log_lib.MetricLogger(workdir, is_main=is_main, total_steps=tc.steps, initial=start)
-  acc = log_lib.MetricAccumulator(peak_flops=config.log.peak_flops * jax.device_count(),
+  peak = float(config.log.peak_flops)
+  if not peak:
+    try:
+      peak = runtime.peak_flops_per_device()[0]
+    except ValueError as e:  # an accelerator missing from the table: no MFU, say why
+      print(f"warning: {e} MFU is not logged.")
+  acc = log_lib.MetricAccumulator(peak_flops=peak * jax.device_count() or None,
                                   images_per_step=tc.batch_size,
                                   bucket_edges=step_lib.LOGSNR_BUCKETS)
   metadata = {"config": config.to_dict(), "process_count": jax.process_count()}
