@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
+import sys
 import time
 
 import jax
@@ -24,6 +24,8 @@ import numpy as np
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax.eval import fid
+
+import machine
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -61,6 +63,7 @@ def main() -> None:
   p.add_argument("--inception_images", type=int, default=96)
   p.add_argument("--out", default=os.path.join(RESULTS, "cascade"))
   args = p.parse_args()
+  load_before = machine.load()
 
   cascade = cascade_lib.Cascade.from_workdirs(args.stages.split(","))
   prompts = [f"prompt {i}, twemoji style" for i in range(args.images)]
@@ -90,10 +93,7 @@ def main() -> None:
     w.writerows(rows)
   cols = list(rows[0])
   lines = ["# Cascade sampling time per image, per stage", "",
-           f"`python benchmarks/cascade.py --stages {args.stages} --images {args.images} "
-           f"--batch {args.batch} --inception_images {n}`", "",
-           f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-           f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)). "
+           machine.provenance(machine.command("cascade.py", sys.argv[1:]), load_before),
            "first_call_s includes compilation; seconds_per_image is measured after it.", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]

@@ -27,6 +27,8 @@ import numpy as np
 
 from imagen_jax.data import pipeline as pl
 
+import machine
+
 _TFDS = flags.DEFINE_string("tfds", None, "NAME/CONFIG (or NAME:CONFIG) of a built TFDS "
                             "dataset to read instead of the synthetic source.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir for --tfds.")
@@ -119,9 +121,7 @@ def write(rows: list[dict], source_desc: str, load: tuple[float, ...]) -> None:
   os.makedirs(_OUT.value, exist_ok=True)
   command = "python benchmarks/data.py " + " ".join(sys.argv[1:])
   lines = ["# Input pipeline throughput", "",
-           f"Command: `{command.strip()}`; machine: {os.cpu_count()} CPU cores "
-           f"({_cpu_name()}), load average {load[0]:.1f} before / {os.getloadavg()[0]:.1f} "
-           f"after (other jobs share these cores); source: {source_desc}.",
+           machine.provenance(command.strip(), load[0]) + f" Source: {source_desc}.",
            "Examples/s of the iterator after warm-up (worker start-up excluded), no text join, "
            "no device transfer.", "",
            "| stage | source px | image | lowres | batch | workers | examples/s | ms/batch | "
@@ -139,17 +139,6 @@ def write(rows: list[dict], source_desc: str, load: tuple[float, ...]) -> None:
     for r in rows:
       w.writerow({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()})
   print("\n".join(lines))
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown CPU"
 
 
 def main(argv) -> None:

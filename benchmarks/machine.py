@@ -38,3 +38,20 @@ def describe() -> str:
 
 def load() -> float:
   return os.getloadavg()[0]
+
+
+def provenance(command: str, load_before: float) -> str:
+  """One sentence for a results file: the command, the machine, the load average before
+  (taken by the caller at its start) and now, jax's version and the XLA flags in force."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import imagen_jax  # pylint: disable=g-import-not-at-top,unused-import  (its XLA defaults)
+  flags = os.environ.get("XLA_FLAGS", "").strip() or "none"
+  return (f"Command: `{command}`; machine: {describe()}; load average {load_before:.2f} "
+          f"before, {load():.2f} after; jax {jax.__version__} "
+          f"({jax.default_backend()}, {jax.device_count()} device(s)), XLA_FLAGS `{flags}`.")
+
+
+def command(script: str, argv: list[str]) -> str:
+  """The command line a results file quotes: `python benchmarks/SCRIPT ARGS`."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  return shlex.join(["python", f"benchmarks/{script}", *argv])

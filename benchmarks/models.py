@@ -21,6 +21,7 @@ import argparse
 import csv
 import importlib.util
 import os
+import sys
 import time
 from typing import Any
 
@@ -30,6 +31,8 @@ import optax
 from flax import nnx
 
 from imagen_jax.models import build_model, count_params, example_inputs
+
+import machine
 
 # (config file, variant, batch for timing or None for shape-only). Timed at batch 2 on
 # CPU; paper-scale configs are only measured abstractly.
@@ -130,7 +133,7 @@ def _time(fn, reps: int = 3) -> float:
   return (time.perf_counter() - t0) / reps * 1000
 
 
-def write(rows, out_dir: str) -> str:
+def write(rows, out_dir: str, load_before: float) -> str:
   os.makedirs(out_dir, exist_ok=True)
   fields = ["config", "params", "resolution", "fwd_gflops_per_image", "train_gflops_per_image",
             "train_act_mib_per_image", "sample_resolution", "sample_act_mib", "batch", "fwd_ms",
@@ -153,9 +156,9 @@ def write(rows, out_dir: str) -> str:
                  f"{fmt(r.get('fwd_ms'), 0)}{bt} | {fmt(r.get('train_ms'), 0)}{bt} |")
   table = "\n".join(lines)
   with open(os.path.join(out_dir, "models.md"), "w") as f:
-    f.write("# Network sizes and costs\n\nProduced by `python benchmarks/models.py` "
-            f"(jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores). "
-            "FLOPs from XLA's cost analysis at each config's max_text_len; a train step is "
+    f.write("# Network sizes and costs\n\n"
+            + machine.provenance(machine.command("models.py", sys.argv[1:]), load_before)
+            + " FLOPs from XLA's cost analysis at each config's max_text_len; a train step is "
             "forward + backward + AdamW. SR networks are costed at their training crop. "
             "Activation memory is XLA's temp allocation of the compiled CPU program at "
             "batch 1 (paper configs with their remat setting): the train step at the "
@@ -171,7 +174,7 @@ def main() -> None:
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   args = p.parse_args()
   only = set(args.only.split(",")) if args.only else None
-  rows = []
+  rows, load_before = [], machine.load()
   for path, variant, batch in RUNS:
     if only and variant not in only:
       continue
@@ -179,7 +182,7 @@ def main() -> None:
     rows.append(measure(path, variant, batch))
     print(f"{path}:{variant}: {rows[-1]['params']:,} params ({time.perf_counter() - t0:.0f} s)",
           flush=True)
-  print(write(rows, args.out))
+  print(write(rows, args.out, load_before))
 
 
 if __name__ == "__main__":

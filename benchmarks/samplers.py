@@ -51,6 +51,8 @@ import matplotlib.ticker
 import numpy as np
 from tqdm import tqdm
 
+import machine
+
 from imagen_jax.diffusion import samplers, schedules, testbed
 
 matplotlib.use("Agg")
@@ -264,7 +266,8 @@ def warmup_summary(rows: Sequence[Row]) -> list[str]:
   return lines
 
 
-def write_markdown(all_rows: Sequence[Row], path: str, command: str, total_s: float,
+def write_markdown(all_rows: Sequence[Row], path: str, command: str, load_before: float,
+                   total_s: float,
                    ref_steps: int, floor_ranges: dict[str, tuple[float, float]],
                    nfes: Sequence[int]) -> None:
   """Main tables over the `nfes` budgets; the warm-up section over every budget run."""
@@ -272,8 +275,7 @@ def write_markdown(all_rows: Sequence[Row], path: str, command: str, total_s: fl
   rows = [r for r in all_rows if r["nfe_budget"] in nfes]
   heun = sorted({r["nfe"] for r in rows if r["method"] == "heun"})
   out = ["# Sampler quality on Gaussian mixtures (exact denoiser)", "",
-         f"Produced by `{command}` in {total_s:.0f} s "
-         f"(jax {jax.__version__}, {jax.devices()[0].platform}).", "",
+         machine.provenance(command, load_before) + f" Wall time {total_s:.0f} s.", "",
          "Sliced 2-Wasserstein distance (SW, lower is better) between samples and a fresh "
          "data draw of the same size; every run starts from the same noise. Bold: best "
          "method per schedule and NFE; `*`: at or below the noise floor (the floor varies between "
@@ -396,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   specs = [s for s in SCHEDULE_SPECS if not args.quick or s.label in QUICK_SCHEDULES]
   os.makedirs(out_dir, exist_ok=True)
 
-  start = time.perf_counter()
+  start, load_before = time.perf_counter(), machine.load()
   mixes = mixture_specs(n2, n64)
   plan = [(m, s, meth, n) for m in mixes for s in specs for meth in METHODS for n in nfes]
   plan += [(m, s, meth, n) for m in mixes for s in specs
@@ -411,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   command = shlex.join(["python", "benchmarks/samplers.py", *(sys.argv[1:] if argv is None else argv)])
   write_csv(rows, os.path.join(out_dir, "samplers.csv"))
-  write_markdown(rows, os.path.join(out_dir, "samplers.md"), command, total, ref_steps,
+  write_markdown(rows, os.path.join(out_dir, "samplers.md"), command, load_before,
+                 total, ref_steps,
                  {name: ctx.floor_range for name, ctx in contexts.items()}, nfes)
   plot([r for r in rows if r["nfe_budget"] in nfes], os.path.join(out_dir, "samplers.png"))
   print(f"{len(rows)} runs in {total:.0f} s; wrote samplers.csv/.md/.png to {out_dir}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 import time
 
 import jax
@@ -24,6 +25,8 @@ from flax import nnx
 from imagen_jax import text
 from imagen_jax.text import bert, t5
 from imagen_jax.text.encoder import bucket_length
+
+import machine
 
 # (spec, dtype, batch, max_len, caption kind, batches timed). MiniLM is the offline
 # default; random T5s of the published v1.1 sizes give T5 timings without weights (the
@@ -73,11 +76,10 @@ def throughput() -> list[dict]:
   return rows
 
 
-def write(out: str, count_rows: list[dict], tput_rows: list[dict]) -> None:
+def write(out: str, count_rows: list[dict], tput_rows: list[dict], load_before: float) -> None:
   os.makedirs(out, exist_ok=True)
   lines = ["# Text encoders", "",
-           f"Backend: {jax.default_backend()} ({jax.device_count()} device(s)); "
-           "command: `python benchmarks/text.py`.", "",
+           machine.provenance(machine.command("text.py", sys.argv[1:]), load_before), "",
            "| encoder | params | width |", "| --- | ---: | ---: |"]
   lines += [f"| {r['encoder']} | {r['params']:,} | {r['width']} |" for r in count_rows]
   if tput_rows:
@@ -104,9 +106,10 @@ def main() -> None:
   parser.add_argument("--only", choices=("counts", "all"), default="all")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = parser.parse_args()
+  load_before = machine.load()
   count_rows = counts()
   tput_rows = throughput() if args.only == "all" else []
-  write(args.out, count_rows, tput_rows)
+  write(args.out, count_rows, tput_rows, load_before)
 
 
 if __name__ == "__main__":
