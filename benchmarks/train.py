@@ -2,14 +2,17 @@ r"""Train-step throughput: images/s, FLOPs/s and MFU, compile time, peak host me
 
   python benchmarks/train.py                         # the CPU rows below
   python benchmarks/train.py --only base64.py:demo   # one config
-  python benchmarks/train.py --peak 989e12 --only base64.py:500m --batch 64   # a GPU
+  python benchmarks/train.py --only base64.py:500m --batch 64   # a GPU (peak from the table)
 
 Each config runs in its own subprocess (so peak memory is its own): the sharded train
 state is created, one jitted step (`imagen_jax.train.step`) compiled on synthetic batches
 of the config's shapes (text embeddings random, as from the cache), then timed over
 `--steps` steps after one warm-up. FLOPs per step come from XLA's cost analysis of the
-compiled step; MFU = FLOPs/s / (peak per device x devices). The default peak is the
-2-core CPU's 144 GFLOP/s fp32 (DESIGN.md). Writes benchmarks/results/train.{md,csv}.
+compiled step; MFU = FLOPs/s / (peak per device x devices). The peak is
+`imagen_jax.runtime.peak_flops_per_device()` unless --peak gives one: the data sheet's
+dense bf16 for GPUs and TPUs, and for a CPU the best float32 matmul rate XLA reaches on
+it (a lower bound on the hardware peak, so the CPU MFU is an upper bound). Writes
+benchmarks/results/train.{md,csv}.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import resource
 import subprocess
 import sys
 import time
+
+import machine
 
 # (config, batch): the configs a CPU can step in seconds.
 RUNS = (("base64.py:smoke", 8), ("base64.py:demo", 16), ("base64.py:emoji", 8),
@@ -63,13 +68,18 @@ def one(spec: str, batch: int, steps: int, peak: float) -> dict:
     state, m = compiled(state, step_lib.device_batch(b, mesh))
   jax.block_until_ready(m)
   sec = (time.perf_counter() - start) / steps
+  from imagen_jax import runtime  # pylint: disable=g-import-not-at-top
+  peak_src = "--peak"
+  if not peak:
+    peak, peak_src = runtime.peak_flops_per_device()
   total_peak = peak * jax.device_count()
   return {"config": spec, "batch": batch, "params": int(sum(
       x.size for x in jax.tree.leaves(state.params))), "compile_s": compile_s,
           "step_s": sec, "images_per_s": batch / sec, "gflop_per_step": flops / 1e9,
           "gflops_per_s": flops / sec / 1e9, "mfu": flops / sec / total_peak,
           "peak_host_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-          "backend": f"{jax.default_backend()} x{jax.device_count()}"}
+          "backend": f"{jax.default_backend()} x{jax.device_count()}",
+          "peak_gflops_per_device": peak / 1e9, "peak_source": peak_src}
 
 
 def main() -> None:
@@ -77,7 +87,8 @@ def main() -> None:
   parser.add_argument("--only", default="", help="comma-separated FILE.py:VARIANT")
   parser.add_argument("--batch", type=int, default=0, help="override every run's batch")
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--peak", type=float, default=144e9, help="peak FLOP/s per device")
+  parser.add_argument("--peak", type=float, default=0.0,
+                      help="peak FLOP/s per device (0: imagen_jax.runtime's)")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   parser.add_argument("--one", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -87,7 +98,7 @@ def main() -> None:
     return
   runs = [(s, b) for s, b in RUNS if not args.only or s in args.only.split(",")]
   runs += [(s, args.batch or 8) for s in args.only.split(",") if s and s not in dict(RUNS)]
-  rows = []
+  rows, load_before = [], machine.load()
   for spec, batch in runs:
     batch = args.batch or batch
     proc = subprocess.run([sys.executable, __file__, f"--one={spec}@{batch}",
@@ -102,10 +113,16 @@ def main() -> None:
           f"{row['gflops_per_s']:.1f} GFLOP/s, MFU {100 * row['mfu']:.1f}%, "
           f"compile {row['compile_s']:.0f} s, peak host {row['peak_host_mib']:.0f} MiB")
   os.makedirs(args.out, exist_ok=True)
+  command = " ".join(["python benchmarks/train.py"] + sys.argv[1:])
+  peaks = sorted({f"{r['peak_gflops_per_device']:.0f} GFLOP/s ({r['peak_source']})"
+                  for r in rows})
   lines = ["# Train-step throughput", "",
-           f"Command: `python benchmarks/train.py{' --only ' + args.only if args.only else ''}`;"
-           f" peak {args.peak / 1e9:g} GFLOP/s per device; synthetic batches, text from a "
-           "cache (no encoder in the step).", "",
+           f"Command: `{command}`; machine: {machine.describe()}; load average "
+           f"{load_before:.2f} before, {machine.load():.2f} after; jax {_jax_version()}, "
+           f"XLA_FLAGS as set by imagen_jax ({_xla_flags()}). Synthetic batches, text "
+           "from a cache (no encoder in the step); img/s is the mean over "
+           f"{args.steps} steps after one warm-up step. MFU against the peak per device: "
+           f"{'; '.join(peaks)}.", "",
            "| config | backend | params | batch | img/s | GFLOP/step | GFLOP/s | MFU | "
            "compile s | peak host MiB |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -121,6 +138,16 @@ def main() -> None:
       w.writeheader()
       w.writerows(rows)
   print("\n".join(lines))
+
+
+def _jax_version() -> str:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.__version__
+
+
+def _xla_flags() -> str:
+  import imagen_jax  # pylint: disable=g-import-not-at-top,unused-import
+  return os.environ.get("XLA_FLAGS", "").strip() or "none"
 
 
 if __name__ == "__main__":
