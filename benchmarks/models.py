@@ -2,6 +2,7 @@ r"""Parameters, FLOPs and activation memory per image, and CPU step times of eve
 
   python benchmarks/models.py              # every config; paper scale shape-only
   python benchmarks/models.py --only smoke,emoji
+  python benchmarks/models.py --before benchmarks/results/models_before_issue13
 
 For each config variant: the parameter count (from `nnx.eval_shape`, no memory), FLOPs
 per image of a forward pass and of a train step (forward + backward of an eps-MSE loss),
@@ -12,7 +13,10 @@ compiled program's temporaries (everything but parameters, inputs and outputs) a
 forward pass at the stage's full output resolution (where an SR stage runs when it
 samples); and, for the configs small enough for this machine, the measured forward and
 train-step time at a small batch. Writes benchmarks/results/models.{md,csv} and prints
-the table.
+the table. `--before PREFIX` adds a before -> after table against PREFIX.csv (an earlier
+models.csv, e.g. of an older checkout: run this script from that checkout's directory
+with PYTHONPATH pointing at it) and PREFIX.md (a paragraph saying what changed and how
+the before side was measured).
 """
 
 from __future__ import annotations
@@ -133,7 +137,33 @@ def _time(fn, reps: int = 3) -> float:
   return (time.perf_counter() - t0) / reps * 1000
 
 
-def write(rows, out_dir: str, load_before: float) -> str:
+def before_after(rows, prefix: str) -> str:
+  """The before -> after section for the configs in both `rows` and PREFIX.csv."""
+  with open(prefix + ".csv") as f:
+    before = {r["config"]: r for r in csv.DictReader(f)}
+  with open(prefix + ".md") as f:
+    note = f.read().strip()
+
+  def pair(b, a, digits):
+    if b in ("", None) or a in ("", None):
+      return ""
+    return f"{float(b):,.{digits}f} -> {float(a):,.{digits}f}"
+
+  lines = ["| config | params | train GFLOP/img | train act. MiB/img | sampling act. MiB | "
+           "CPU train ms (batch 2) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+  for r in rows:
+    b = before.get(r["config"])
+    if b is None:
+      continue
+    lines.append(f"| {r['config']} | {pair(b['params'], r['params'], 0)} | "
+                 f"{pair(b['train_gflops_per_image'], r['train_gflops_per_image'], 2)} | "
+                 f"{pair(b['train_act_mib_per_image'], r['train_act_mib_per_image'], 1)} | "
+                 f"{pair(b['sample_act_mib'], r['sample_act_mib'], 1)} | "
+                 f"{pair(b.get('train_ms'), r.get('train_ms'), 0)} |")
+  return note + f"\n\nBefore: `{prefix}.csv`; after: the table above.\n\n" + "\n".join(lines)
+
+
+def write(rows, out_dir: str, load_before: float, before: str = "") -> str:
   os.makedirs(out_dir, exist_ok=True)
   fields = ["config", "params", "resolution", "fwd_gflops_per_image", "train_gflops_per_image",
             "train_act_mib_per_image", "sample_resolution", "sample_act_mib", "batch", "fwd_ms",
@@ -164,13 +194,14 @@ def write(rows, out_dir: str, load_before: float) -> str:
             "batch 1 (paper configs with their remat setting): the train step at the "
             "training resolution, and one sampling forward pass at the stage's output "
             "resolution. CPU times are the mean of 3 calls after a warm-up.\n\n"
-            + table + "\n")
+            + table + "\n" + (f"\n{before_after(rows, before)}\n" if before else ""))
   return table
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
   p.add_argument("--only", default=None, help="comma-separated variants to run")
+  p.add_argument("--before", default="", help="PREFIX of an earlier run's .csv and a .md note")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
   args = p.parse_args()
   only = set(args.only.split(",")) if args.only else None
@@ -182,7 +213,7 @@ def main() -> None:
     rows.append(measure(path, variant, batch))
     print(f"{path}:{variant}: {rows[-1]['params']:,} params ({time.perf_counter() - t0:.0f} s)",
           flush=True)
-  print(write(rows, args.out, load_before))
+  print(write(rows, args.out, load_before, args.before))
 
 
 if __name__ == "__main__":
