@@ -4,7 +4,9 @@ r"""Runs one experiment: a config, a workdir and a mode.
       [--config.KEY=VALUE ...]
 
 MODE is train, sample, eval, precompute or build_data; each config kind supports some of
-them (configs/gmm.py, the analytic testbed: sample; the network configs base64/sr256/sr1024:
+them (configs/gmm.py, the analytic testbed: sample; configs/gmm_denoiser.py, a network
+denoiser trained on it and scored against the exact one: train; the network configs
+base64/sr256/sr1024:
 build_data, which prepares their dataset, precompute, which fills the text-embedding
 cache, and train; configs/cascade.py, the trained stages together: sample and eval).
 Examples:
@@ -48,6 +50,7 @@ MODES = ("train", "sample", "eval", "precompute", "build_data")
 # (config kind, mode) -> "module:function", called as function(config, workdir). Modules
 # are imported only after the config is validated, so a typo fails before JAX compiles.
 JOBS = {("gmm", "sample"): "imagen_jax.testbed_job:run",
+        ("gmm_denoiser", "train"): "imagen_jax.testbed_train_job:run",
         ("base", "precompute"): "imagen_jax.precompute_job:run",
         ("sr", "precompute"): "imagen_jax.precompute_job:run",
         ("base", "build_data"): "imagen_jax.data.build_job:run",

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 
-from imagen_jax.diffusion import guidance, samplers, schedules
+from imagen_jax.diffusion import guidance, objectives, samplers, schedules
 
 # Sampler keys that are not method options; every other key of diffusion.sampler is one.
 SAMPLER_KEYS = ("method", "steps", "grid", "rho")
@@ -202,23 +202,65 @@ def check_noise_aug(config: ml_collections.ConfigDict, mode: str) -> None:
 
 def check_sampler(config: ml_collections.ConfigDict, mode: str) -> None:
   """diffusion.sampler: method, steps, grid, rho and method options."""
-  one_of(config, "diffusion.sampler.method", sorted(samplers.METHODS))
-  positive_int(config, "diffusion.sampler.steps")
-  one_of(config, "diffusion.sampler.grid", schedules.GRIDS)
-  number(config, "diffusion.sampler.rho", low=0.0, strict=True)
+  _sampler_at(config, "diffusion.sampler")
+
+
+def _sampler_at(config: ml_collections.ConfigDict, section: str,
+                extra: Sequence[str] = ()) -> None:
+  """{section}: method, steps, grid, rho, method options, and the `extra` keys (checked
+  by the caller)."""
+  one_of(config, f"{section}.method", sorted(samplers.METHODS))
+  positive_int(config, f"{section}.steps")
+  one_of(config, f"{section}.grid", schedules.GRIDS)
+  number(config, f"{section}.rho", low=0.0, strict=True)
   options = sorted({k for ks in samplers.METHOD_KWARGS.values() for k in ks})
-  for key in get(config, "diffusion.sampler"):
-    if key in SAMPLER_KEYS:
+  for key in get(config, section):
+    if key in SAMPLER_KEYS or key in extra:
       continue
-    path = f"diffusion.sampler.{key}"
+    path = f"{section}.{key}"
     if key not in options:
       raise ConfigError(path, get(config, path), "not a sampler option",
-                        allowed=list(SAMPLER_KEYS) + options, bad_key=True)
+                        allowed=list(SAMPLER_KEYS) + list(extra) + options, bad_key=True)
     number(config, path, low=0.0)  # eta, churn, noise scale and sigma bounds are >= 0
-  sampler = get(config, "diffusion.sampler")
+  sampler = get(config, section)
   if "s_tmin" in sampler and "s_tmax" in sampler and sampler.s_tmin > sampler.s_tmax:
-    raise ConfigError("diffusion.sampler.s_tmin", sampler.s_tmin,
-                      f"must not exceed diffusion.sampler.s_tmax={sampler.s_tmax}")
+    raise ConfigError(f"{section}.s_tmin", sampler.s_tmin,
+                      f"must not exceed {section}.s_tmax={sampler.s_tmax}")
+
+
+def check_objective(config: ml_collections.ConfigDict, mode: str) -> None:
+  """diffusion.target and diffusion.weighting (with weighting_kw, where the config has it)."""
+  one_of(config, "diffusion.target", objectives.TARGETS)
+  name = one_of(config, "diffusion.weighting", sorted(objectives.WEIGHTINGS))
+  if "weighting_kw" not in get(config, "diffusion"):
+    return
+  kw_cfg = get(config, "diffusion.weighting_kw")
+  kw = kw_cfg.to_dict() if isinstance(kw_cfg, ml_collections.ConfigDict) else dict(kw_cfg or {})
+  try:
+    objectives.get_weighting(name, **kw)
+  except ValueError as e:
+    raise ConfigError("diffusion.weighting_kw", kw, str(e),
+                      fix="replace the whole dict, e.g. --config.diffusion.weighting_kw="
+                          "\"{'gamma': 5.0}\" for min_snr (or \"{}\" for defaults)") from e
+
+
+def check_gmm_denoiser(config: ml_collections.ConfigDict, mode: str) -> None:
+  """model, train and eval of configs/gmm_denoiser.py (the MLP trained on the testbed)."""
+  for key in ("model.width", "model.depth", "model.feat_dim", "train.steps",
+              "train.batch_size", "train.log_every"):
+    positive_int(config, key)
+  if get(config, "model.feat_dim") % 2:
+    raise ConfigError("model.feat_dim", get(config, "model.feat_dim"),
+                      "must be even (sine and cosine features)")
+  integer(config, "train.seed")
+  number(config, "train.lr", low=0.0, strict=True)
+  positive_int(config, "train.warmup_steps", minimum=0)
+  levels = get(config, "eval.logsnr_levels")
+  if not (isinstance(levels, (tuple, list)) and levels and all(_is_number(v) for v in levels)):
+    raise ConfigError("eval.logsnr_levels", levels, "must be a non-empty tuple of log-SNRs",
+                      fix="pass e.g. --config.eval.logsnr_levels='(-6.0, 0.0, 6.0)'")
+  _schedule_at(config, "eval.sampler")
+  _sampler_at(config, "eval.sampler", extra=("schedule", "schedule_kw"))
 
 
 def check_eval_samples(config: ml_collections.ConfigDict, mode: str) -> None:
@@ -497,15 +539,20 @@ KINDS: dict[str, Kind] = {
         checks=(check_gmm_data, check_schedule, check_sampler, check_eval_samples),
         why="the Gaussian-mixture testbed uses its exact denoiser, so there is no "
             "network to train, evaluate or precompute inputs for"),
+    "gmm_denoiser": Kind(
+        modes=("train",),
+        checks=(check_gmm_data, check_schedule, check_objective, check_gmm_denoiser,
+                check_eval_samples),
+        why="the job trains the denoiser and then evaluates it in one run"),
     # Network configs: a stage is trained alone, then sampled and evaluated in a cascade.
     "base": Kind(modes=("build_data", "precompute", "train"),
-                 checks=(check_model, check_data, check_text, check_schedule, check_sampler,
-                         check_train),
+                 checks=(check_model, check_data, check_text, check_schedule, check_objective,
+                         check_sampler, check_train),
                  why="trained stages are sampled and evaluated together through "
                      "configs/cascade.py"),
     "sr": Kind(modes=("build_data", "precompute", "train"),
-               checks=(check_model, check_data, check_text, check_schedule, check_noise_aug,
-                       check_sampler, check_train),
+               checks=(check_model, check_data, check_text, check_schedule, check_objective,
+                       check_noise_aug, check_sampler, check_train),
                why="trained stages are sampled and evaluated together through "
                    "configs/cascade.py"),
     "cascade": Kind(modes=("sample", "eval"), checks=(check_cascade, check_cascade_eval),

@@ -63,7 +63,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   out = jax.block_until_ready(compiled(sample_key))
   sample_s = time.perf_counter() - start
 
-  measured = _measure(gmm, out.x, data_key, data2_key, proj_key, config.eval.num_projections)
+  measured = measure(gmm, out.x, data_key, data2_key, proj_key, config.eval.num_projections)
   data = measured.pop("data")
   measured = {k: float(v) for k, v in measured.items()}
   metrics = {
@@ -84,11 +84,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
            data=np.asarray(data, np.float32))
   with open(paths["metrics"], "w") as f:
     # Strict JSON: non-finite floats (s_tmax = inf, a diverged metric) become strings.
-    json.dump(_finite_json(metrics), f, indent=2, allow_nan=False)
+    json.dump(finite_json(metrics), f, indent=2, allow_nan=False)
     f.write("\n")
   if gmm.dim == 2:
     paths["scatter"] = os.path.join(workdir, "scatter.png")
-    _scatter(np.asarray(data), np.asarray(out.x), metrics, paths["scatter"])
+    scatter_plot(np.asarray(data), np.asarray(out.x), metrics, paths["scatter"])
 
   print(f"gmm {metrics['mixture']} (dim {gmm.dim}, {metrics['num_modes']} modes), "
         f"{metrics['schedule']} schedule, {sc.method} {sc.steps} steps on grid "
@@ -103,7 +103,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return metrics
 
 
-def _measure(gmm: testbed.GaussianMixture, x: jax.Array, data_key: jax.Array,
+def measure(gmm: testbed.GaussianMixture, x: jax.Array, data_key: jax.Array,
              data2_key: jax.Array, proj_key: jax.Array, num_projections: int) -> dict:
   """Distances of samples `x` to a data draw, and of a second, independent data draw of the
   same size to it (the noise floor: what exact sampling would score)."""
@@ -119,17 +119,17 @@ def _measure(gmm: testbed.GaussianMixture, x: jax.Array, data_key: jax.Array,
           "mean_err_noise_floor": floor_mean_err, "cov_rel_err_noise_floor": floor_cov_err}
 
 
-def _finite_json(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
   if isinstance(obj, float) and not math.isfinite(obj):
     return str(obj)
   if isinstance(obj, dict):
-    return {k: _finite_json(v) for k, v in obj.items()}
+    return {k: finite_json(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_finite_json(v) for v in obj]
+    return [finite_json(v) for v in obj]
   return obj
 
 
-def _scatter(data: np.ndarray, samples: np.ndarray, metrics: dict[str, Any], path: str) -> None:
+def scatter_plot(data: np.ndarray, samples: np.ndarray, metrics: dict[str, Any], path: str) -> None:
   # Figure + Agg canvas, not pyplot: no global state and no display needed.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure

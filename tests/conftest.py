@@ -136,6 +136,7 @@ SLOW_FIRST = (
     "tests/test_cascade.py",
     "tests/models/test_unet.py",
     "tests/test_eval_job.py",
+    "tests/test_sweep.py",
     "tests/models/test_efficient_unet.py",
     "tests/train/test_samples.py",
     "tests/models/test_layers.py",

@@ -1,0 +1,108 @@
+"""experiments/sweep.py: a two-arm smoke sweep end to end (run, skip, collate, list), its
+statistics against hand-computed values, and its errors."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = "experiments/gmm_schedules.py:smoke"
+
+
+def _sweep_module():
+  spec = importlib.util.spec_from_file_location("sweep_driver", REPO / "experiments" / "sweep.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+sweep_lib = _sweep_module()
+
+
+def _cli(*args, cwd=REPO) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(REPO / "experiments" / "sweep.py"), *args],
+                        cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_sweep_end_to_end(tmp_path):
+  root = tmp_path / "sweep"
+  start = time.perf_counter()
+  proc = _cli(SMOKE, "all", "--jobs", "2", "--root", str(root))
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  print(f"two-arm smoke sweep: {time.perf_counter() - start:.1f} s")
+  out = root / "results"
+  with open(out / "runs.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert sorted((r["arm"], r["seed"]) for r in rows) == [
+      ("edm", "0"), ("edm", "1"), ("imagen", "0"), ("imagen", "1")]
+  assert all(np.isfinite(float(r["sliced_w2"])) and float(r["sliced_w2"]) > 0 for r in rows)
+  table = (out / "results.md").read_text()
+  for needle in ("| imagen |", "| edm |", "diffusion.weighting=edm", "reference", "N"):
+    assert needle in table
+  for png in ("sliced_w2.png", "mean_log10_excess_mse.png", "excess_mse.png"):
+    assert (out / png).stat().st_size > 1000
+  # Each run trained under its own arm's objective (the overrides reached the job).
+  import json  # pylint: disable=g-import-not-at-top
+  edm = json.loads((root / "edm" / "seed1" / "metrics.json").read_text())
+  assert (edm["schedule"], edm["weighting"], edm["target"], edm["seed"]) == (
+      "lognormal", "edm", "v", 1)
+
+  # Again: every run is finished, so nothing runs.
+  again = _cli(SMOKE, "run", "--root", str(root))
+  assert again.returncode == 0 and again.stdout.count("skipped (finished)") == 4, again.stdout
+
+  # An interrupted run (no marker file) is run again; the others are left alone.
+  (root / "imagen" / "seed0" / "metrics.json").unlink()
+  listed = _cli(SMOKE, "list", "--root", str(root))
+  assert listed.returncode == 0
+  assert listed.stdout.count("(finished)") == 3 and "to run: train" in listed.stdout
+  assert "--config.diffusion.schedule=lognormal" in listed.stdout
+  assert f"--workdir={root}/edm/seed0" in listed.stdout
+  one = _cli(SMOKE, "run", "--root", str(root), "--arm", "imagen")
+  assert one.returncode == 0 and "imagen seed 0: done" in one.stdout, one.stdout
+  assert one.stdout.count("skipped") == 1
+
+
+def test_interval_and_holm_match_hand_computation():
+  mean, half = sweep_lib.interval(np.array([1.0, 2.0, 3.0]))
+  # t_{0.975, 2} = 4.302653; s = 1; sqrt(3).
+  assert mean == 2.0 and half == pytest.approx(4.302653 / np.sqrt(3), rel=1e-6)
+  assert np.isnan(sweep_lib.interval(np.array([5.0]))[1])
+  # Holm: sorted p 0.01, 0.03, 0.04 times 3, 2, 1, made monotone.
+  assert sweep_lib.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx(
+      {"a": 0.03, "c": 0.06, "b": 0.06})
+
+
+def test_compare_orients_better_and_worse_and_keeps_overlaps_unranked():
+  sweep = {"reference": "ref", "metrics": {"fid": "lower", "clip": "higher"}}
+  values = {"ref": np.array([10.0, 10.1, 9.9, 10.05]), "low": np.array([5.0, 5.1, 4.9, 5.05]),
+            "same": np.array([10.0, 10.2, 9.8, 10.1])}
+  fid = sweep_lib.compare(sweep, values, "fid")
+  assert fid["low"][1] == "better" and fid["same"][1] == "n.s."
+  assert sweep_lib.compare(sweep, values, "clip")["low"][1] == "worse"
+
+
+def test_errors_name_the_problem(tmp_path):
+  bad_arm = _cli(SMOKE, "list", "--arm", "nope", "--root", str(tmp_path))
+  assert bad_arm.returncode == 2 and "no such arm" in bad_arm.stderr and "imagen" in bad_arm.stderr
+  bad_task = _cli(SMOKE, "list", "--task", "9", "--root", str(tmp_path))
+  assert bad_task.returncode == 2 and "has 4 runs" in bad_task.stderr
+  missing = _cli("experiments/nope.py", "list")
+  assert missing.returncode == 2 and "no such sweep file" in missing.stderr
+  typo = tmp_path / "typo.py"
+  typo.write_text("def get_sweep(variant=None):\n  return dict(name='x', config='c', "
+                  "arms={'a': {}}, seeds=(0,), seed_keys=(), modes=(), results='m.json', "
+                  "metrics={'m': 'lower'}, reference='a', armz={})\n")
+  proc = _cli(str(typo), "list")
+  assert proc.returncode == 2 and "unknown keys ['armz']" in proc.stderr
+  nothing = _cli(SMOKE, "collate", "--root", str(tmp_path / "empty"))
+  assert nothing.returncode == 2 and "No finished runs" in nothing.stderr
