@@ -329,6 +329,9 @@ def _plot_metric(sweep, values: dict[str, np.ndarray], results, metric: str, out
     if floor:
       ax.axhline(np.mean(floor), color="C3", ls="--", lw=1, label="noise floor")
       ax.legend(loc="best")
+  everything = np.concatenate(list(values.values()))
+  if np.all(everything > 0) and everything.max() > 50 * everything.min():
+    ax.set_yscale("log")  # arms orders of magnitude apart
   ax.set_xticks(range(len(values)))
   ax.set_xticklabels(list(values), rotation=30, ha="right")
   ax.set_ylabel(f"{metric} ({sweep['metrics'][metric]} is better)")
