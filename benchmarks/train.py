@@ -3,6 +3,8 @@ r"""Train-step throughput: images/s, FLOPs/s and MFU, compile time, peak host me
   python benchmarks/train.py                         # the CPU rows below
   python benchmarks/train.py --only base64.py:demo   # one config
   python benchmarks/train.py --only base64.py:500m --batch 64   # a GPU (peak from the table)
+  python benchmarks/train.py --only base64.py:demo --set model.dtype=bfloat16 \
+      --out benchmarks/results/train_bf16    # each config as is, then with the overrides
 
 Each config runs in its own subprocess (so peak memory is its own): the sharded train
 state is created, one jitted step (`imagen_jax.train.step`) compiled on synthetic batches
@@ -33,7 +35,22 @@ RUNS = (("base64.py:smoke", 8), ("base64.py:demo", 16), ("base64.py:emoji", 8),
         ("sr256.py:smoke", 8), ("sr256.py:demo", 16), ("sr256.py:emoji", 8))
 
 
-def one(spec: str, batch: int, steps: int, peak: float) -> dict:
+def _override(config, assignment: str) -> None:
+  """Sets KEY=VALUE (dotted KEY; VALUE a Python literal, else a string) on `config`."""
+  import ast  # pylint: disable=g-import-not-at-top
+  key, _, raw = assignment.partition("=")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def one(spec: str, batch: int, steps: int, peak: float, sets: tuple[str, ...] = ()) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from imagen_jax import config_files  # pylint: disable=g-import-not-at-top
@@ -42,6 +59,8 @@ def one(spec: str, batch: int, steps: int, peak: float) -> dict:
   path, variant = spec.split(":")
   c = config_files.load(os.path.join("configs", path), variant)
   c.train.batch_size = batch
+  for assignment in sets:
+    _override(c, assignment)
   mesh = sharding.mesh_from_config(c.mesh)
   graphdef, state, shardings = state_lib.create_state(c, mesh)
   fn = step_lib.make_train_step(c, graphdef, shardings, mesh)
@@ -73,7 +92,8 @@ def one(spec: str, batch: int, steps: int, peak: float) -> dict:
   if not peak:
     peak, peak_src = runtime.peak_flops_per_device()
   total_peak = peak * jax.device_count()
-  return {"config": spec, "batch": batch, "params": int(sum(
+  label = spec + (f" [{', '.join(sets)}]" if sets else "")
+  return {"config": label, "batch": batch, "params": int(sum(
       x.size for x in jax.tree.leaves(state.params))), "compile_s": compile_s,
           "step_s": sec, "images_per_s": batch / sec, "gflop_per_step": flops / 1e9,
           "gflops_per_s": flops / sec / 1e9, "mfu": flops / sec / total_peak,
@@ -90,26 +110,31 @@ def main() -> None:
   parser.add_argument("--peak", type=float, default=0.0,
                       help="peak FLOP/s per device (0: imagen_jax.runtime's)")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="also run every config with this override (repeatable: all "
+                           "together)")
   parser.add_argument("--one", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.one:
     spec, batch = args.one.rsplit("@", 1)
-    print(json.dumps(one(spec, int(batch), args.steps, args.peak)))
+    print(json.dumps(one(spec, int(batch), args.steps, args.peak, tuple(args.set))))
     return
   runs = [(s, b) for s, b in RUNS if not args.only or s in args.only.split(",")]
   runs += [(s, args.batch or 8) for s in args.only.split(",") if s and s not in dict(RUNS)]
   rows, load_before = [], machine.load()
-  for spec, batch in runs:
-    batch = args.batch or batch
+  jobs = [(spec, args.batch or batch, sets) for spec, batch in runs
+          for sets in ([[]] + ([args.set] if args.set else []))]
+  for spec, batch, sets in jobs:
     proc = subprocess.run([sys.executable, __file__, f"--one={spec}@{batch}",
-                           f"--steps={args.steps}", f"--peak={args.peak}"],
+                           f"--steps={args.steps}", f"--peak={args.peak}",
+                           *[f"--set={a}" for a in sets]],
                           capture_output=True, text=True)
     if proc.returncode:
       print(f"{spec}: failed\n{proc.stderr[-2000:]}")
       continue
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     rows.append(row)
-    print(f"  {spec} batch {batch}: {row['images_per_s']:.2f} img/s, "
+    print(f"  {row['config']} batch {batch}: {row['images_per_s']:.2f} img/s, "
           f"{row['gflops_per_s']:.1f} GFLOP/s, MFU {100 * row['mfu']:.1f}%, "
           f"compile {row['compile_s']:.0f} s, peak host {row['peak_host_mib']:.0f} MiB")
   os.makedirs(args.out, exist_ok=True)
