@@ -30,6 +30,7 @@ import tempfile
 import time
 
 import machine
+import step_inputs
 
 CATEGORIES = ("convolution", "dot", "reduction", "transpose/copy", "elementwise", "other")
 
@@ -89,23 +90,12 @@ def _events(trace_dir: str) -> list[dict]:
 
 def profile(spec: str, batch: int, steps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from imagen_jax import config_files  # pylint: disable=g-import-not-at-top
   from imagen_jax.train import sharding, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
-  path, variant = spec.split(":")
-  c = config_files.load(os.path.join("configs", path), variant)
-  c.train.batch_size = batch
+  c = step_inputs.load_config(spec, batch)
   mesh = sharding.mesh_from_config(c.mesh)
   graphdef, state, shardings = state_lib.create_state(c, mesh)
   fn = step_lib.make_train_step(c, graphdef, shardings, mesh)
-  size = (c.data.crop or c.data.resolution) if c.kind == "sr" else c.data.resolution
-  rng = np.random.default_rng(0)
-  b = {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
-       "text": rng.standard_normal((batch, c.data.max_text_len, c.model.text_dim), np.float32),
-       "text_mask": np.ones((batch, c.data.max_text_len), bool)}
-  if c.kind == "sr":
-    low = size * c.data.low_resolution // c.data.resolution
-    b["lowres"] = rng.uniform(-1, 1, (batch, low, low, 3)).astype(np.float32)
+  b = step_inputs.synthetic_batch(c, batch)
   dev = step_lib.device_batch(b, mesh)
   compiled = fn.jitted.lower(state, dev).compile()
   cats = _categories(compiled.as_text())

@@ -70,6 +70,7 @@ except ImportError:  # main() says how to install it
   torch = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_inputs  # pylint: disable=g-import-not-at-top,wrong-import-position
 if torch is not None:
   import torch_unet  # pylint: disable=g-import-not-at-top
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,15 +84,10 @@ def load_config(spec: str) -> Any:
 
 
 def synthetic_batch(c, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """benchmarks/train.py's batch: uniform images, random text embeddings, full masks."""
+  """benchmarks/train.py's batch (step_inputs.synthetic_batch), for the base U-Net only."""
   if c.kind != "base":
     raise ValueError(f"vs_torch compares the base U-Net; config kind {c.kind!r} is not ported.")
-  rng = np.random.default_rng(seed)
-  size = c.data.resolution
-  return {"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
-          "text": rng.standard_normal((batch, c.data.max_text_len, c.model.text_dim),
-                                      np.float32),
-          "text_mask": np.ones((batch, c.data.max_text_len), bool)}
+  return step_inputs.synthetic_batch(c, batch, np.random.default_rng(seed))
 
 
 # Torch side ----------------------------------------------------------------------------
