@@ -56,6 +56,7 @@ JOBS = {("gmm", "sample"): "imagen_jax.testbed_job:run",
         ("base", "build_data"): "imagen_jax.data.build_job:run",
         ("sr", "build_data"): "imagen_jax.data.build_job:run",
         ("base", "train"): "imagen_jax.train.trainer:run",
+        ("base", "eval"): "imagen_jax.eval.stage_eval_job:run",
         ("sr", "train"): "imagen_jax.train.trainer:run",
         ("cascade", "sample"): "imagen_jax.cascade_job:run",
         ("cascade", "eval"): "imagen_jax.eval.eval_job:run"}

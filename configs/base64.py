@@ -6,6 +6,9 @@ Variants (after the colon):
   emoji  small research config on emoji captions, MiniLM text (384-d): 64x64, 11,409,219 params
   demo   what `make demo` trains on a CPU for a few minutes: the emoji data at 64x64 with
          a narrow network (32 channels, one res block per level, attention at 8x8)
+  study  the noise-schedule study's CPU recipe (experiments/emoji_schedules.py:cpu): the
+         demo network on the emoji data at 32x32, batch 32, checkpoints kept for
+         --mode=eval to follow FID over training
   smoke  seconds-long forward/backward on CPU for tests: 16x16, 798,115 params
   500m   paper scale, T5-XXL text (4096-d): 548,759,555 params (+9.8%)
   2b     paper scale, T5-XXL text (4096-d): 2,155,545,603 params (+7.8%)
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import ml_collections
 
-VARIANTS = ("emoji", "demo", "smoke", "500m", "2b")
+VARIANTS = ("emoji", "demo", "study", "smoke", "500m", "2b")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -88,6 +91,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                prompts=("grinning face, twemoji style", "red apple, openmoji style",
                         "rocket, twemoji style", "cat face, openmoji style"))
 
+  # --mode=eval (imagen_jax/eval/stage_eval_job.py): the run's checkpoints at `steps`
+  # (() = every one kept), each sampled on num_images held-out captions (same captions and
+  # noise at every step: seed) at `guidance` and scored by FID (bootstrap interval over
+  # `bootstrap` resamples), KID (kid_subsets subsets of kid_subset_size) and the offline
+  # alignment score (or CLIP score with `clip` weights) against reference_limit (0 = all)
+  # held-out images; `prompts` are sampled from grid_seed into a grid per step.
+  c.eval = dict(steps=(), num_images=500, seed=1234, guidance=3.0, weights="ema",
+                batch_size=64, reference_limit=0, bootstrap=200, kid_subsets=100,
+                kid_subset_size=1000, clip="", inception="", cache_dir="", grid_size=64,
+                grid_seed=0,
+                prompts=("grinning face, twemoji style", "smiling face with heart-eyes, "
+                         "openmoji style", "red heart, twemoji style", "red apple, openmoji "
+                         "style", "banana, twemoji style", "flag: japan, twemoji style",
+                         "rocket, twemoji style", "cat face, openmoji style"),
+                alignment=dict(train_limit=0, dim=256, steps=1500, batch_size=512, lr=1e-3,
+                               weight_decay=1e-4, candidates=100, seed=0))
+
   if variant == "smoke":
     # Seconds on CPU: a few dozen steps, checkpoints and sample grids included.
     c.train.update(batch_size=8, steps=40)
@@ -111,6 +131,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ckpt.update(every=25)
     c.log.update(every=5, sample_every=1000)
     c.diffusion.sampler.update(steps=16)
+  elif variant == "study":
+    # 32 px: on the 2-core CPU a 64 px step of this network runs at ~14 img/s, 32 px at
+    # ~33 img/s, which is what lets six arms each train to recognizable emoji in the
+    # study's budget (experiments/README.md).
+    c.model.update(image_size=32, channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+                   attn_resolutions=(8,), dropout=0.0)
+    c.data.update(resolution=32)
+    c.train.update(batch_size=32, steps=1000)
+    c.optim.update(lr=1e-3, warmup_steps=100, ema_decays=(0.995,))
+    c.ckpt.update(every=250, keep=1000, async_save=False)
+    c.log.update(every=25, sample_every=500)
+    c.diffusion.sampler.update(steps=20)
+    c.eval.update(steps=(250, 500, 1000), num_images=200, batch_size=100, reference_limit=0,
+                  alignment=dict(train_limit=2000, dim=128, steps=600, batch_size=256,
+                                 lr=1e-3, weight_decay=1e-4, candidates=100, seed=0))
   elif variant in ("500m", "2b"):
     c.model.update(text_dim=4096, attn_resolutions=(32, 16, 8), dtype="bfloat16", remat=True)
     c.data.update(text_encoder="t5:/path/to/t5-v1_1-xxl", max_text_len=128,

@@ -57,11 +57,19 @@ SWEEP_KEYS = {
     "results": "the JSON file in each workdir that collate reads",
     "metrics": "{metric key in results: 'lower' or 'higher' (which is better)}",
     "floors": "{metric: the results key of its floor}, drawn in the plots (optional)",
-    "curve": "(x key, y key, label) of a per-run curve to plot per arm (optional)",
+    "curve": "(x key, y key, label[, low key, high key]) of a per-run curve to plot per "
+             "arm, with the run's own band when given (optional)",
+    "intervals": "{metric: (low key, high key)}: a per-run 95% interval in the results "
+                 "(e.g. FID's bootstrap), used for arms with one seed (optional)",
+    "grid": "results key of an image (path relative to the results file) shown per run "
+            "(optional)",
+    "buckets": "results key of {'buckets': [...], 'loss': [...]}: loss per log-SNR bucket, "
+               "plotted per arm (optional)",
     "reference": "the arm the others are tested against",
     "describe": "one paragraph on what the sweep asks (optional)",
 }
-_OPTIONAL = {"floors": {}, "curve": None, "describe": "", "common": {}}
+_OPTIONAL = {"floors": {}, "curve": None, "describe": "", "common": {}, "intervals": {},
+             "grid": None, "buckets": None}
 
 
 class SweepError(Exception):
@@ -104,8 +112,15 @@ def load_sweep(spec: str) -> dict[str, Any]:
   return sweep
 
 
-def plan(sweep: dict[str, Any], root: str, arms: list[str] | None = None) -> list[Run]:
-  """Every (arm, seed) run, arms in the file's order; `arms` selects some."""
+def _fill(value: Any, root: str) -> Any:
+  """"{root}" in a string override stands for the sweep's root (shared caches)."""
+  return value.replace("{root}", root) if isinstance(value, str) else value
+
+
+def plan(sweep: dict[str, Any], root: str, arms: list[str] | None = None,
+         extra: dict[str, Any] | None = None) -> list[Run]:
+  """Every (arm, seed) run, arms in the file's order; `arms` selects some. `extra`
+  overrides are added to every run (--set: a data directory, a checkpoint path)."""
   for arm in arms or ():
     if arm not in sweep["arms"]:
       raise SweepError(f"--arm {arm}: no such arm; the arms are {list(sweep['arms'])}.")
@@ -115,8 +130,9 @@ def plan(sweep: dict[str, Any], root: str, arms: list[str] | None = None) -> lis
       continue
     for seed in sweep["seeds"]:
       seeded = {key: seed for key in sweep["seed_keys"]}
+      merged = {**sweep["common"], **overrides, **seeded, **(extra or {})}
       runs.append(Run(arm, int(seed), os.path.join(root, arm, f"seed{seed}"),
-                      {**sweep["common"], **overrides, **seeded}))
+                      {k: _fill(v, root) for k, v in merged.items()}))
   return runs
 
 
@@ -132,9 +148,25 @@ def command(sweep: dict[str, Any], run: Run, mode: str) -> list[str]:
           [f"--config.{k}={_value(v)}" for k, v in run.overrides.items()])
 
 
+def _finished(path: str) -> bool:
+  """A marker file exists, and if it is JSON with a "complete" key (the trainer's
+  train_summary.json, also written when a time limit or preemption stops it), that is true."""
+  if not os.path.exists(path):
+    return False
+  if path.endswith(".json"):
+    try:
+      with open(path) as f:
+        record = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      return False
+    if isinstance(record, dict) and "complete" in record:
+      return bool(record["complete"])
+  return True
+
+
 def pending_modes(sweep: dict[str, Any], run: Run) -> list[str]:
   return [mode for mode, marker in sweep["modes"]
-          if not os.path.exists(os.path.join(run.workdir, marker))]
+          if not _finished(os.path.join(run.workdir, marker))]
 
 
 def execute(sweep: dict[str, Any], run: Run) -> tuple[Run, str, float]:
@@ -215,6 +247,36 @@ def compare(sweep: dict[str, Any], values: dict[str, np.ndarray], metric: str
   return out
 
 
+def run_intervals(sweep: dict[str, Any], results, arms: list[str]
+                  ) -> dict[tuple[str, str], tuple[float, float]]:
+  """{(metric, arm): (low, high)} for arms with one run and a per-run interval."""
+  out = {}
+  for m, (lo_key, hi_key) in sweep["intervals"].items():
+    for a in arms:
+      mine = [res for r, res in results if r.arm == a]
+      if len(mine) == 1 and lo_key in mine[0] and hi_key in mine[0]:
+        out[(m, a)] = (float(mine[0][lo_key]), float(mine[0][hi_key]))
+  return out
+
+
+def overlap_verdict(sweep: dict[str, Any], metric: str, mine: tuple[float, float],
+                    ref: tuple[float, float] | None, mean: float, ref_values) -> str:
+  """With one run per arm: 'better'/'worse' only when the two 95% intervals do not
+  overlap (a conservative test: disjoint 95% intervals mean p < 0.006 for normal
+  estimates, which also covers Holm's correction over up to 8 arms), else 'n.s.'."""
+  if ref is None or ref_values is None or len(ref_values) != 1:
+    return "no reference interval"
+  if mine[0] <= ref[1] and ref[0] <= mine[1]:
+    return "n.s. (intervals overlap)"
+  lower = mean < float(ref_values[0])
+  return "better" if lower == (sweep["metrics"][metric] == "lower") else "worse"
+
+
+def _fmt_interval(value: float, low: float, high: float) -> str:
+  digits = 4 if abs(value) < 10 else 1
+  return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 # Collation. --------------------------------------------------------------------------
 
 def read_results(sweep: dict[str, Any], runs: list[Run]) -> list[tuple[Run, dict[str, Any]]]:
@@ -253,14 +315,22 @@ def collate(sweep: dict[str, Any], runs: list[Run], out: str, spec: str) -> str:
                   *[res.get(k, "") for k in sweep["floors"].values()]])
 
   verdicts = {m: compare(sweep, by_arm[m], m) for m in metrics}
+  own = run_intervals(sweep, results, arms)
   summary = []
   for m in metrics:
     for a in arms:
       mean, half = interval(by_arm[m][a])
+      low, high = mean - half, mean + half
       p, verdict = verdicts[m].get(a, (float("nan"), "reference" if a == sweep["reference"]
                                        else "too few seeds"))
+      if (m, a) in own:  # one seed: the run's own interval, compared by overlap
+        low, high = own[(m, a)]
+        if a != sweep["reference"]:
+          verdict = overlap_verdict(sweep, m, own[(m, a)], own.get((m, sweep["reference"])),
+                                    mean, by_arm[m].get(sweep["reference"]))
       summary.append({"metric": m, "arm": a, "n": len(by_arm[m][a]), "mean": mean,
-                      "ci95_half": half, "p_holm_vs_reference": p, "verdict": verdict})
+                      "ci95_half": half, "ci95_low": low, "ci95_high": high,
+                      "p_holm_vs_reference": p, "verdict": verdict})
   with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, list(summary[0]))
     w.writeheader()
@@ -276,13 +346,19 @@ def collate(sweep: dict[str, Any], runs: list[Run], out: str, spec: str) -> str:
       row = next(s for s in summary if s["metric"] == m and s["arm"] == a)
       verdict = row["verdict"] if np.isnan(row["p_holm_vs_reference"]) else (
           f"{row['verdict']} (p={row['p_holm_vs_reference']:.2g})")
-      cells += [_fmt(row["mean"], row["ci95_half"]), verdict]
+      if (m, a) in own:
+        cells += [_fmt_interval(row["mean"], row["ci95_low"], row["ci95_high"]), verdict]
+      else:
+        cells += [_fmt(row["mean"], row["ci95_half"]), verdict]
     lines.append(f"| {a} | {over} | {len(by_arm[metrics[0]][a])} | " + " | ".join(cells) + " |")
   table = "\n".join(lines)
 
   plots = [_plot_metric(sweep, by_arm[m], results, m, out) for m in metrics]
   if sweep["curve"]:
     plots.append(_plot_curve(sweep, results, arms, out))
+  if sweep["buckets"]:
+    plots.append(_plot_buckets(sweep, results, arms, out))
+  grids = _copy_grids(sweep, results, out) if sweep["grid"] else []
   floors = []
   for m, key in sweep["floors"].items():
     vals = [float(res[key]) for _, res in results if key in res]
@@ -298,9 +374,16 @@ def collate(sweep: dict[str, Any], runs: list[Run], out: str, spec: str) -> str:
           f"'vs {sweep['reference']}': Welch's t-test against the reference arm, p Holm-"
           "corrected over the arms compared; 'better'/'worse' only where p < 0.05, else "
           "'n.s.' (not significant at this N: do not rank those arms). Arms are listed in "
-          "the sweep file's order, not ranked.", ""]
+          "the sweep file's order, not ranked."
+          + (" A cell with [low, high] is an arm with one run: its own 95% interval "
+             "(the evaluation's, e.g. FID's bootstrap over samples), and the verdict is by "
+             "overlap: 'better'/'worse' only when the arm's and the reference's intervals "
+             "are disjoint." if own else ""), ""]
+  images = [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+  for label, name in grids:
+    images += ["", f"{label}:", "", f"![{name}]({name})"]
   text = "\n".join(head + [table, ""] + ([", ".join(floors) + ".", ""] if floors else [])
-                   + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]) + "\n"
+                   + images) + "\n"
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(text)
   return table
@@ -343,28 +426,74 @@ def _plot_metric(sweep, values: dict[str, np.ndarray], results, metric: str, out
 
 
 def _plot_curve(sweep, results, arms: list[str], out: str) -> str:
-  x_key, y_key, label = sweep["curve"]
+  x_key, y_key, label, *band = sweep["curve"]
   fig = _figure((7, 4.5))
   ax = fig.subplots()
   for i, arm in enumerate(arms):
-    ys = np.array([res[y_key] for r, res in results if r.arm == arm], np.float64)
-    x = np.asarray(next(res[x_key] for r, res in results if r.arm == arm), np.float64)
+    mine = [res for r, res in results if r.arm == arm]
+    ys = np.array([res[y_key] for res in mine], np.float64)
+    x = np.asarray(mine[0][x_key], np.float64)
     stats_ = [interval(ys[:, j]) for j in range(ys.shape[1])]
     mean = np.array([s[0] for s in stats_])
-    half = np.array([s[1] for s in stats_])
+    low = mean - np.array([s[1] for s in stats_])
+    high = mean + np.array([s[1] for s in stats_])
+    if len(mine) == 1 and band and all(k in mine[0] for k in band):
+      low, high = (np.asarray(mine[0][k], np.float64) for k in band)
     ax.plot(x, mean, marker="o", ms=3, color=f"C{i}", label=f"{arm} (N={len(ys)})")
-    if not np.all(np.isnan(half)):
-      ax.fill_between(x, np.maximum(mean - half, mean * 1e-3), mean + half, color=f"C{i}",
-                      alpha=0.15)
+    if not np.all(np.isnan(low)):
+      ax.fill_between(x, np.maximum(low, mean * 1e-3), high, color=f"C{i}", alpha=0.15)
   ax.set_yscale("log")
   ax.set_xlabel(x_key)
   ax.set_ylabel(label)
-  ax.set_title(f"{sweep['name']}: mean and 95% interval over seeds")
+  ax.set_title(f"{sweep['name']}: mean and 95% interval"
+               + (" (one run: its own interval)" if band else " over seeds"))
   ax.legend(fontsize=8)
   fig.tight_layout()
   path = os.path.join(out, f"{y_key}.png")
   fig.savefig(path, dpi=110)
   return path
+
+
+def _plot_buckets(sweep, results, arms: list[str], out: str) -> str:
+  """Loss per log-SNR bucket, one line per arm (mean over its runs). Each arm's loss is
+  in its own target and weighting, so compare the shapes, not the levels across arms."""
+  key = sweep["buckets"]
+  fig = _figure((7, 4.5))
+  ax = fig.subplots()
+  names = None
+  for i, arm in enumerate(arms):
+    recs = [res[key] for r, res in results if r.arm == arm and res.get(key)]
+    if not recs:
+      continue
+    names = recs[0]["buckets"]
+    loss = np.mean([rec["loss"] for rec in recs], axis=0)
+    ax.plot(range(len(loss)), loss, marker="o", ms=3, color=f"C{i}", label=arm)
+  if names:
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"[{n.replace('_', ', ')})" for n in names], rotation=30, ha="right")
+  ax.set_yscale("log")
+  ax.set_xlabel("log-SNR bucket")
+  ax.set_ylabel("training loss (each arm's own weighting)")
+  ax.set_title(f"{sweep['name']}: loss per log-SNR bucket at the end of training")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  path = os.path.join(out, "loss_by_logsnr.png")
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def _copy_grids(sweep, results, out: str) -> list[tuple[str, str]]:
+  """Copies each run's grid image into out as ARM_seedS.png; returns (label, file name)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  copied = []
+  for run, res in results:
+    rel = res.get(sweep["grid"])
+    src = os.path.join(run.workdir, os.path.dirname(sweep["results"]), rel) if rel else ""
+    if rel and os.path.isfile(src):
+      name = f"{run.arm}_seed{run.seed}{os.path.splitext(src)[1]}"
+      shutil.copyfile(src, os.path.join(out, name))
+      copied.append((f"{run.arm} (seed {run.seed}, step {res.get('step', '?')})", name))
+  return copied
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,11 +508,20 @@ def main(argv: list[str] | None = None) -> int:
                  help="run only the TASK-th run of the list (0-based; a cluster array index)")
   p.add_argument("--jobs", type=int, default=1, help="runs at a time on this machine")
   p.add_argument("--out", default="", help="collate's output directory (default ROOT/results)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a config override for every run, e.g. data.data_dir=/data/tfds "
+                 "(repeatable; a run's workdir does not depend on it)")
   args = p.parse_args(argv)
   try:
     sweep = load_sweep(args.sweep)
     root = os.path.abspath(args.root or os.path.join("runs", "sweeps", sweep["name"]))
-    runs = plan(sweep, root, args.arm)
+    extra = {}
+    for item in args.set:
+      key, eq, value = item.partition("=")
+      if not eq or not key:
+        raise SweepError(f"--set {item!r}: write KEY=VALUE, e.g. --set data.data_dir=/data.")
+      extra[key] = value
+    runs = plan(sweep, root, args.arm, extra)
     if args.task is not None:
       if not 0 <= args.task < len(runs):
         raise SweepError(f"--task {args.task}: the sweep has {len(runs)} runs (0..{len(runs) - 1}).")
@@ -401,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
       failed = run_all(sweep, runs, args.jobs)
     if args.action in ("collate", "all"):
       out = os.path.abspath(args.out or os.path.join(root, "results"))
-      print(collate(sweep, plan(sweep, root, args.arm), out, args.sweep))
+      print(collate(sweep, plan(sweep, root, args.arm, extra), out, args.sweep))
       print(f"wrote {out}/results.md")
     if failed:
       print(f"{failed} run(s) failed; their logs are named above. Fix and run the same "

@@ -513,6 +513,11 @@ def check_cascade_eval(config: ml_collections.ConfigDict, mode: str) -> None:
   limit = integer(config, "eval.reference_limit")
   if limit != 0 and limit < 2:
     raise ConfigError("eval.reference_limit", limit, "must be 0 (all) or >= 2 (covariances)")
+  _check_alignment(config)
+
+
+def _check_alignment(config: ml_collections.ConfigDict) -> None:
+  """eval.alignment: the offline alignment model's training settings."""
   if not (_is_int(get(config, "eval.alignment.train_limit")) and
           get(config, "eval.alignment.train_limit") >= 0):
     raise ConfigError("eval.alignment.train_limit", get(config, "eval.alignment.train_limit"),
@@ -523,6 +528,34 @@ def check_cascade_eval(config: ml_collections.ConfigDict, mode: str) -> None:
   number(config, "eval.alignment.lr", low=0.0, strict=True)
   number(config, "eval.alignment.weight_decay", low=0.0)
 
+
+def check_stage_eval(config: ml_collections.ConfigDict, mode: str) -> None:
+  """eval of a base stage's checkpoints (imagen_jax/eval/stage_eval_job.py)."""
+  if mode != "eval":
+    return
+  steps = get(config, "eval.steps")
+  if not (isinstance(steps, (tuple, list)) and all(_is_int(s) and s >= 0 for s in steps)):
+    raise ConfigError("eval.steps", steps, "must be a tuple of checkpoint steps (() = all)",
+                      fix="pass e.g. --config.eval.steps='(500, 1000)'")
+  positive_int(config, "eval.num_images", minimum=2)
+  integer(config, "eval.seed")
+  integer(config, "eval.grid_seed")
+  number(config, "eval.guidance", low=0.0)
+  one_of(config, "eval.weights", ("ema", "params"))
+  positive_int(config, "eval.batch_size")
+  positive_int(config, "eval.grid_size")
+  limit = integer(config, "eval.reference_limit")
+  if limit < 0 or limit == 1:
+    raise ConfigError("eval.reference_limit", limit, "must be 0 (all) or >= 2 (covariances)")
+  positive_int(config, "eval.bootstrap", minimum=0)
+  positive_int(config, "eval.kid_subsets")
+  positive_int(config, "eval.kid_subset_size", minimum=2)
+  prompts = get(config, "eval.prompts")
+  if not (isinstance(prompts, (tuple, list)) and prompts and
+          all(isinstance(p, str) and p for p in prompts)):
+    raise ConfigError("eval.prompts", prompts, "must be a non-empty tuple of prompts",
+                      fix="pass e.g. --config.eval.prompts=\"('red apple, twemoji style',)\"")
+  _check_alignment(config)
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
@@ -545,11 +578,11 @@ KINDS: dict[str, Kind] = {
                 check_eval_samples),
         why="the job trains the denoiser and then evaluates it in one run"),
     # Network configs: a stage is trained alone, then sampled and evaluated in a cascade.
-    "base": Kind(modes=("build_data", "precompute", "train"),
+    "base": Kind(modes=("build_data", "precompute", "train", "eval"),
                  checks=(check_model, check_data, check_text, check_schedule, check_objective,
-                         check_sampler, check_train),
-                 why="trained stages are sampled and evaluated together through "
-                     "configs/cascade.py"),
+                         check_sampler, check_train, check_stage_eval),
+                 why="trained stages are sampled together through configs/cascade.py; "
+                     "--mode=eval scores a base stage's own checkpoints"),
     "sr": Kind(modes=("build_data", "precompute", "train"),
                checks=(check_model, check_data, check_text, check_schedule, check_objective,
                        check_noise_aug, check_sampler, check_train),

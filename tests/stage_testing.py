@@ -33,8 +33,8 @@ def random_weights(abstract, rng: np.random.Generator):
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-def write_stage(config, workdir: str, seed: int = 0) -> str:
-  """A step-0 checkpoint of `config` with random weights under workdir/checkpoints."""
+def write_stage(config, workdir: str, seed: int = 0, step: int = 0) -> str:
+  """A checkpoint (of `step`) of `config` with random weights under workdir/checkpoints."""
   mesh = train_sharding.mesh_from_config(config.mesh)
   _, abstract, _ = state_lib.abstract_state(config, mesh)
   rng = np.random.default_rng(seed)
@@ -42,9 +42,9 @@ def write_stage(config, workdir: str, seed: int = 0) -> str:
   host = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   host = host.replace(params=weights, ema={k: weights for k in host.ema})
   state = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), host, abstract)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=1,
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=100,
                                     async_save=False)
-  ckpt.save(0, state, data_state=None, metadata={"config": config.to_dict()}, force=True)
+  ckpt.save(step, state, data_state=None, metadata={"config": config.to_dict()}, force=True)
   ckpt.close()
   return workdir
 

@@ -183,7 +183,7 @@ def test_kinds_table():
 # Network configs (base64, sr256, sr1024) -------------------------------------------------
 
 NETWORK_CONFIGS = [(name, variant) for name, variants in
-                   (("base64", ("smoke", "emoji", "500m", "2b")),
+                   (("base64", ("smoke", "demo", "study", "emoji", "500m", "2b")),
                     ("sr256", ("smoke", "emoji", "600m")),
                     ("sr1024", ("smoke", "emoji", "400m"))) for variant in variants]
 
@@ -196,6 +196,19 @@ def test_network_configs_pass_their_checks(name, variant):
   with pytest.raises(ConfigError, match="support only --mode=build_data, --mode=precompute, "
                                         "--mode=train"):
     validate(cfg, "sample")
+
+
+def test_base_stage_eval_checks():
+  cfg = load_config("base64", "study")
+  validate(cfg, "eval")  # the study's checkpoint evaluation
+  with cfg.unlocked():
+    cfg.eval.steps = (250, -1)
+  with pytest.raises(ConfigError, match=r"eval.steps=\(250, -1\).*tuple of checkpoint steps"):
+    validate(cfg, "eval")
+  cfg = load_config("base64", "study")
+  cfg.eval.weights = "emma"
+  with pytest.raises(ConfigError, match="Did you mean 'ema'"):
+    validate(cfg, "eval")
 
 
 def test_network_config_with_unknown_model_key_is_rejected():

@@ -16,7 +16,8 @@ import pytest
 import stage_testing
 from imagen_jax import config_files
 from imagen_jax.data import datasets
-from imagen_jax.eval import alignment, eval_job
+from imagen_jax.errors import UserError
+from imagen_jax.eval import alignment, eval_job, stage_eval_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,3 +132,46 @@ def test_launch_eval_errors(tmp_path):
        "--config.eval.fid_stage=1"], cwd=REPO, env=env, capture_output=True, text=True,
       timeout=300)
   assert proc.returncode == 2 and "eval.fid_stage=1" in proc.stderr, proc.stderr[-2000:]
+
+
+def _stage_eval_config(data_dir: str):
+  c = config_files.load("configs/base64.py", "smoke")
+  c.data.data_dir = data_dir
+  c.eval.update(num_images=8, reference_limit=8, batch_size=8, bootstrap=20, kid_subsets=5,
+                kid_subset_size=8, prompts=("rocket, twemoji style", "red apple, twemoji style"),
+                alignment=dict(train_limit=16, dim=8, steps=20, batch_size=16, lr=1e-2,
+                               weight_decay=0.0, candidates=4, seed=0))
+  return c
+
+
+def test_stage_eval_scores_each_checkpoint(setup):
+  root, _ = setup
+  config = _stage_eval_config(str(root / "tfds"))
+  workdir = str(root / "base_run")
+  # Two checkpoints of different (random) weights, as training would leave at two steps.
+  stage_testing.write_stage(config, workdir, seed=0, step=10)
+  stage_testing.write_stage(config, workdir, seed=1, step=20)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 20, "loss": 1.0, "loss/bucket_5_10": 0.5,
+                        "loss/bucket_-5_0": 2.0}) + "\n")
+  result = stage_eval_job.run(config, workdir)
+  rows = result["rows"]
+  assert [r["step"] for r in rows] == [10, 20] == result["steps"]
+  for r in rows:
+    assert np.isfinite(r["fid"]) and r["fid_low"] < r["fid_high"]
+    assert r["kid_low"] < r["kid"] < r["kid_high"]
+    assert 0.0 <= r["alignment"] <= 100.0 and r["num_images"] == 8
+    assert os.path.isfile(os.path.join(workdir, "eval", r["grid"]))
+  # Different weights give different samples, so different scores; the top level is the
+  # last step's (what experiments/sweep.py tabulates).
+  assert rows[0]["fid"] != rows[1]["fid"]
+  assert result["fid"] == rows[1]["fid"] and result["step"] == 20
+  assert result["loss_by_logsnr"] == {"step": 20, "buckets": ["-5_0", "5_10"],
+                                      "loss": [2.0, 0.5]}
+  for name in ("results.json", "results.md", "fid_vs_step.png"):
+    assert os.path.isfile(os.path.join(workdir, "eval", name)), name
+
+  # Asking for a step the run did not keep names the steps it has.
+  config.eval.steps = (15,)
+  with pytest.raises(UserError, match=r"steps \[15\].*\[10, 20\]"):
+    stage_eval_job.run(config, workdir)

@@ -106,3 +106,59 @@ def test_errors_name_the_problem(tmp_path):
   assert proc.returncode == 2 and "unknown keys ['armz']" in proc.stderr
   nothing = _cli(SMOKE, "collate", "--root", str(tmp_path / "empty"))
   assert nothing.returncode == 2 and "No finished runs" in nothing.stderr
+
+
+def _write_eval(workdir: pathlib.Path, fid: float, low: float, high: float) -> None:
+  """What stage_eval_job writes, reduced to the keys the image sweep collates."""
+  import json  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  (workdir / "eval" / "step_20" / "prompts").mkdir(parents=True)
+  Image.new("RGB", (8, 8), (255, 0, 0)).save(workdir / "eval" / "step_20" / "prompts" / "g.png")
+  (workdir / "eval" / "results.json").write_text(json.dumps({
+      "fid": fid, "fid_low": low, "fid_high": high, "kid": 0.1, "kid_low": 0.05,
+      "kid_high": 0.15, "alignment": 10.0, "step": 20, "steps": [10, 20],
+      "fid_curve": [2 * fid, fid], "fid_curve_low": [2 * low, low],
+      "fid_curve_high": [2 * high, high], "fid_floor": 5.0,
+      "grid": "step_20/prompts/g.png",
+      "loss_by_logsnr": {"buckets": ["-5_0", "0_5"], "loss": [1.0, 0.5]}}))
+
+
+def test_one_seed_arms_compare_by_their_own_intervals(tmp_path):
+  sweep = sweep_lib.load_sweep(str(REPO / "experiments" / "emoji_schedules.py") + ":cpu")
+  assert sweep["seeds"] == (0,)
+  root = tmp_path / "sweep"
+  runs = sweep_lib.plan(sweep, str(root), extra={"data.data_dir": "/data/tfds"})
+  # {root} in a shared override is the sweep's root; --set reaches every run.
+  assert runs[0].overrides["eval.cache_dir"] == f"{root}/eval_cache"
+  assert all(r.overrides["data.data_dir"] == "/data/tfds" for r in runs)
+  by_arm = {r.arm: pathlib.Path(r.workdir) for r in runs}
+  _write_eval(by_arm["imagen"], 100.0, 90.0, 110.0)
+  _write_eval(by_arm["v"], 50.0, 45.0, 56.0)          # disjoint and lower: better
+  _write_eval(by_arm["edm"], 95.0, 85.0, 104.0)       # overlapping: not significant
+  _write_eval(by_arm["sigmoid"], 150.0, 140.0, 160.0)  # disjoint and higher: worse
+  out = tmp_path / "results"
+  table = sweep_lib.collate(sweep, runs, str(out), "emoji_schedules.py:cpu")
+  lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+  assert "50.0 [45.0, 56.0] | better" in lines["v"]
+  assert "95.0 [85.0, 104.0] | n.s. (intervals overlap)" in lines["edm"]
+  assert "150.0 [140.0, 160.0] | worse" in lines["sigmoid"]
+  assert "| reference |" in lines["imagen"]
+  for name in ("fid_curve.png", "loss_by_logsnr.png", "v_seed0.png", "imagen_seed0.png"):
+    assert (out / name).is_file(), name
+  text = (out / "results.md").read_text()
+  assert "![v_seed0.png](v_seed0.png)" in text and "intervals are disjoint" in text
+  # Unfinished arms (no results) are left out, not tabulated as zeros.
+  assert "min_snr5" not in lines
+
+
+def test_an_interrupted_training_is_not_finished(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  sweep = sweep_lib.load_sweep(str(REPO / "experiments" / "emoji_schedules.py") + ":quick")
+  run = sweep_lib.plan(sweep, str(tmp_path))[0]
+  workdir = pathlib.Path(run.workdir)
+  workdir.mkdir(parents=True)
+  # The trainer writes train_summary.json also when a time limit or preemption stops it.
+  (workdir / "train_summary.json").write_text(json.dumps({"complete": False}))
+  assert sweep_lib.pending_modes(sweep, run) == ["train", "eval"]
+  (workdir / "train_summary.json").write_text(json.dumps({"complete": True}))
+  assert sweep_lib.pending_modes(sweep, run) == ["eval"]

@@ -99,7 +99,7 @@ def eval_prompts(captions: Sequence[str], n: int, seed: int) -> list[str]:
   return [captions[order[i % len(order)]] for i in range(n)]
 
 
-class _AlignmentScorer:
+class AlignmentScorer:
   """The offline score: a contrastive model over Inception + MiniLM features."""
 
   name = "alignment"
@@ -141,7 +141,7 @@ class _AlignmentScorer:
                              pool_text_features=self.pool_feats, pool_captions=self.pool_caps)
 
 
-class _ClipScorer:
+class ClipScorer:
   """CLIP score (torchmetrics' definition) with user-supplied CLIP weights."""
 
   name = "clip_score"
@@ -181,11 +181,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   began = time.perf_counter()
   if ec.clip:
-    scorer = _ClipScorer(ec.clip)
+    scorer = ClipScorer(ec.clip)
     ceiling = scorer.score(None, _real_images(data_cfg, data_cfg.eval_split,
                                               ec.reference_limit), ref_caps)
   else:
-    scorer = _AlignmentScorer(ec, data_cfg, cache_dir, train_feats, train_caps, ref_caps)
+    scorer = AlignmentScorer(ec, data_cfg, cache_dir, train_feats, train_caps, ref_caps)
     ceiling = scorer.score(ref_feats, None, ref_caps)
   timings["scorer_s"] = time.perf_counter() - began
   metric = scorer.name

@@ -165,7 +165,7 @@ def plot_metrics(jsonl_path: str, out_png: str) -> str | None:
     return ([p[0] for p in pts], [p[1] for p in pts])
 
   buckets = sorted({k for r in recs for k in r if k.startswith("loss/bucket_")},
-                   key=_bucket_sort_key)
+                   key=bucket_sort_key)
   panels = 2 if buckets else 1
   fig = Figure(figsize=(6.5 * panels, 4.2))
   FigureCanvasAgg(fig)
@@ -194,7 +194,7 @@ def plot_metrics(jsonl_path: str, out_png: str) -> str | None:
   return out_png
 
 
-def _bucket_sort_key(key: str) -> tuple[float, str]:
+def bucket_sort_key(key: str) -> tuple[float, str]:
   lo = key[len("loss/bucket_"):].rsplit("_", 1)[0]
   try:
     return float(lo), key

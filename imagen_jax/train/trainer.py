@@ -199,7 +199,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if is_main:
     log_lib.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
                          os.path.join(workdir, "loss.png"))
-  summary.update(final_step=step, preempted=preempted, flops_per_step=flops,
+  summary.update(final_step=step, complete=step >= tc.steps, preempted=preempted,
+                 flops_per_step=flops,
                  skipped=int(jax.device_get(state.skipped)))
   if is_main:
     with open(os.path.join(workdir, "train_summary.json"), "w") as f:

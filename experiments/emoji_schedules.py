@@ -1,0 +1,102 @@
+r"""Study B: noise-schedule ablation of the image base stage on the emoji data.
+
+  python experiments/sweep.py experiments/emoji_schedules.py:cpu all            # the study
+  python experiments/sweep.py experiments/emoji_schedules.py:quick all          # smoke run
+  python experiments/sweep.py experiments/emoji_schedules.py:pod list           # cluster
+
+Every arm trains the base stage from scratch with equal steps, batch and seed, then
+--mode=eval (imagen_jax/eval/stage_eval_job.py) scores the same checkpoints of every arm
+with the same held-out captions, noise, sampler (DPM-Solver++(2M)), guidance weight and N:
+FID with a bootstrap interval, KID, the offline alignment score, and a grid of fixed
+prompts. Arms (the list of issue 15, as in Study A, experiments/gmm_schedules.py):
+
+  imagen          cosine, eps target, eps-MSE weighting (Imagen)
+  v               cosine, v target, v-MSE weighting (Salimans & Ho)
+  shifted_cosine  cosine shifted by 2 log(R / 2R) = -1.39 in log-SNR (simple diffusion's
+                  resolution shift, as for an image twice the stage's size), eps
+  edm             EDM's log-normal training distribution and weighting, v target
+  min_snr5        cosine, eps target, min-SNR-5 weighting (Hang et al.)
+  sigmoid         cosine, eps target, sigmoid(2 - lambda) weighting (Kingma & Gao)
+
+Variants:
+  cpu    configs/base64.py:study: 32x32, the demo network (2.2M parameters), 1000 steps of
+         batch 32, the checkpoints of steps 250, 500 and 1000 evaluated at 200 samples:
+         about 1.5 hours on the 2-core development CPU with --jobs 2
+  quick  the same, 60 steps and 16 samples: that the pipeline runs, in minutes
+  pod    configs/base64.py:500m (64x64, 549M parameters, T5-XXL), 3 seeds, for a cluster:
+         pass T5's path with --config.data.text_encoder through `common` below and the
+         data_dir of a built dataset
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ARMS: dict[str, dict[str, Any]] = {
+    "imagen": {"diffusion.schedule": "cosine", "diffusion.target": "eps",
+               "diffusion.weighting": "eps"},
+    "v": {"diffusion.schedule": "cosine", "diffusion.target": "v", "diffusion.weighting": "v"},
+    "shifted_cosine": {"diffusion.schedule": "shifted_cosine",
+                       "diffusion.target": "eps", "diffusion.weighting": "eps"},
+    "edm": {"diffusion.schedule": "lognormal", "diffusion.target": "v",
+            "diffusion.weighting": "edm"},
+    "min_snr5": {"diffusion.schedule": "cosine", "diffusion.target": "eps",
+                 "diffusion.weighting": "min_snr", "diffusion.weighting_kw": {"gamma": 5.0}},
+    "sigmoid": {"diffusion.schedule": "cosine", "diffusion.target": "eps",
+                "diffusion.weighting": "sigmoid"},
+}
+
+VARIANTS = ("cpu", "quick", "pod")
+
+
+def get_sweep(variant: str | None = None) -> dict[str, Any]:
+  variant = variant or "cpu"
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown variant {variant!r} of experiments/emoji_schedules.py; "
+                     f"choose one of {VARIANTS}.")
+  resolution = 64 if variant == "pod" else 32
+  arms = {name: dict(over) for name, over in ARMS.items()}
+  arms["shifted_cosine"]["diffusion.schedule_kw"] = {"resolution": 2 * resolution,
+                                                     "base_resolution": resolution}
+  common: dict[str, Any] = {
+      # One cache of reference features and alignment model for every arm.
+      "eval.cache_dir": "{root}/eval_cache",
+  }
+  if variant == "quick":
+    arms = {k: arms[k] for k in ("imagen", "v")}
+    common.update({"train.steps": 60, "ckpt.every": 30, "log.every": 10, "eval.steps": (),
+                   "optim.warmup_steps": 10,
+                   "log.sample_every": 0, "eval.num_images": 16, "eval.bootstrap": 20,
+                   "eval.kid_subsets": 10, "eval.reference_limit": 64,
+                   "eval.alignment.train_limit": 64, "eval.alignment.steps": 50,
+                   "eval.alignment.candidates": 16})
+  if variant == "pod":
+    common.update({"train.steps": 500_000, "train.batch_size": 2048, "ckpt.every": 50_000,
+                   "ckpt.keep": 100, "eval.steps": (), "eval.num_images": 30_000, "eval.batch_size": 256,
+                   "eval.kid_subset_size": 1000, "eval.alignment.train_limit": 0})
+  return dict(
+      name=f"emoji_schedules_{variant}",
+      describe=(
+          f"Study B: the {resolution}x{resolution} base stage trained on emoji_cascade "
+          "under each arm's training distribution, target and weighting (equal steps, "
+          "batch and seed), every arm's checkpoints scored with the same held-out "
+          "captions, noise, sampler and guidance. fid: FID of the last checkpoint's "
+          "samples against the held-out split, [95% bootstrap interval over samples]; "
+          "kid: KID (unbiased in N) with a conservative interval (+-1.96 subset std); "
+          "alignment: the offline alignment score of samples and captions (not CLIP)."),
+      config=("configs/base64.py:500m" if variant == "pod" else "configs/base64.py:study"),
+      arms=arms,
+      seeds=(0, 1, 2) if variant == "pod" else (0,),
+      seed_keys=("train.seed",),
+      common=common,
+      modes=(("train", "train_summary.json"), ("eval", "eval/results.json")),
+      results="eval/results.json",
+      metrics={"fid": "lower", "kid": "lower", "alignment": "higher"},
+      intervals={"fid": ("fid_low", "fid_high"), "kid": ("kid_low", "kid_high")},
+      floors={"fid": "fid_floor"},
+      curve=("steps", "fid_curve", "FID (held-out captions)", "fid_curve_low",
+             "fid_curve_high"),
+      grid="grid",
+      buckets="loss_by_logsnr",
+      reference="imagen",
+  )
