@@ -30,7 +30,8 @@ def one(spec: str, batch: int, cache_dir: str) -> dict:
     runtime.enable_compilation_cache(cache_dir)
   else:
     runtime.disable_compilation_cache()
-  from imagen_jax.train import sharding, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax import sharding
+  from imagen_jax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
   c = step_inputs.load_config(spec, batch)
   mesh = sharding.mesh_from_config(c.mesh)
   t0 = time.perf_counter()

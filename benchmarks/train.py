@@ -53,7 +53,8 @@ def _override(config, assignment: str) -> None:
 
 def one(spec: str, batch: int, steps: int, peak: float, sets: tuple[str, ...] = ()) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from imagen_jax.train import sharding, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax import sharding
+  from imagen_jax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
 
   c = step_inputs.load_config(spec, batch)
   for assignment in sets:

@@ -61,7 +61,8 @@ from flax import nnx
 from imagen_jax import config_files
 from imagen_jax.diffusion.schedules import Cosine
 from imagen_jax.models import build_model, count_params
-from imagen_jax.train import sharding, state as state_lib, step as step_lib
+from imagen_jax import sharding
+from imagen_jax.train import state as state_lib, step as step_lib
 from imagen_jax.train.optim import learning_rate
 
 try:

@@ -43,7 +43,8 @@ VARIANTS = (
 
 def one(spec: str, batch: int, steps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from imagen_jax.train import sharding, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax import sharding
+  from imagen_jax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
   c = step_inputs.load_config(spec, batch)
   mesh = sharding.mesh_from_config(c.mesh)
   graphdef, state, shardings = state_lib.create_state(c, mesh)

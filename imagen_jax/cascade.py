@@ -36,14 +36,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
+from imagen_jax import images as images_lib
+from imagen_jax import sampling
+from imagen_jax import sharding as sharding_lib
 from imagen_jax import text as text_lib
 from imagen_jax.diffusion import guidance
 from imagen_jax.errors import UserError
-from imagen_jax.train import checkpointing, samples
-from imagen_jax.train import logging as log_lib
-from imagen_jax.train import sharding as train_sharding
+from imagen_jax.train import checkpointing
 from imagen_jax.train import state as state_lib
 
 
@@ -148,7 +148,7 @@ def load_stage(path: str, *, step: int | None = None, weights: str = "ema",
   if weights not in ("ema", "params"):
     raise CascadeError(f"weights={weights!r}: choose 'ema' or 'params'.")
   directory = _checkpoint_dir(path)
-  mesh = mesh or train_sharding.mesh_from_config({"data": -1, "fsdp": 1, "tensor": 1})
+  mesh = mesh or sharding_lib.mesh_from_config({"data": -1, "fsdp": 1, "tensor": 1})
   ckpt = checkpointing.Checkpointer(directory, every=1, keep=1 << 30, async_save=False)
   try:
     latest = ckpt.latest_step() if step is None else int(step)
@@ -212,7 +212,7 @@ class Cascade:
                encoders: dict[tuple, Any] | None = None):
     check_chain(stages)
     self.stages = list(stages)
-    self.mesh = mesh or train_sharding.mesh_from_config({"data": -1, "fsdp": 1, "tensor": 1})
+    self.mesh = mesh or sharding_lib.mesh_from_config({"data": -1, "fsdp": 1, "tensor": 1})
     self._encoders = dict(encoders or {})
     self._sample_fns: dict[tuple, Any] = {}
 
@@ -221,7 +221,7 @@ class Cascade:
                     steps: Sequence[int | None] | None = None,
                     mesh: jax.sharding.Mesh | None = None) -> "Cascade":
     """Stages in cascade order (base first) from their workdirs or checkpoint dirs."""
-    mesh = mesh or train_sharding.mesh_from_config({"data": -1, "fsdp": 1, "tensor": 1})
+    mesh = mesh or sharding_lib.mesh_from_config({"data": -1, "fsdp": 1, "tensor": 1})
     steps = list(steps or [None] * len(paths))
     stages = [load_stage(p, step=s, weights=weights, mesh=mesh) for p, s in zip(paths, steps)]
     return cls(stages, mesh=mesh)
@@ -247,7 +247,7 @@ class Cascade:
       config.diffusion.sampler.method = settings["sampler"]
       config.diffusion.sampler.steps = settings["steps"]
       config.diffusion.thresholding = settings["thresholding"]
-      self._sample_fns[key] = samples.make_sample_fn(config, stage.graphdef, stage.rest)
+      self._sample_fns[key] = sampling.make_sample_fn(config, stage.graphdef, stage.rest)
     return self._sample_fns[key]
 
   # -- generation ------------------------------------------------------------------------
@@ -275,7 +275,7 @@ class Cascade:
     n = len(prompts)
     # No bigger than the prompts need (padding rows cost a full sample each).
     batch = max(n_dev, math.ceil(min(batch_size, n) / n_dev) * n_dev)
-    batch_sharding = NamedSharding(self.mesh, PartitionSpec(train_sharding.BATCH_AXES))
+    batch_sharding = sharding_lib.batch_sharding(self.mesh)
     n_batches = math.ceil(n / batch)
 
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
@@ -304,7 +304,7 @@ class Cascade:
         bar.update(1)
       x = np.clip(np.concatenate(out, 0), -1.0, 1.0)
       seconds.append(time.perf_counter() - began)
-      images.append(log_lib.to_uint8(x))
+      images.append(images_lib.to_uint8(x))
       lowres = x
     bar.close()
 
@@ -337,7 +337,7 @@ def save_outputs(result: CascadeOutput, out_dir: str, *, grid_size: int = 64) ->
     start = result.settings["start_index"]
     for i, img in enumerate(imgs):
       Image.fromarray(img).save(os.path.join(sub, f"{start + i:05d}.png"))
-    grid = log_lib.caption_strip(log_lib.image_grid(imgs[:grid_size], pad=2),
+    grid = images_lib.caption_strip(images_lib.image_grid(imgs[:grid_size], pad=2),
                                  result.prompts[:grid_size])
     Image.fromarray(grid).save(os.path.join(out_dir, f"grid_{res}px.png"))
   tmp = os.path.join(out_dir, "settings.json.tmp")

@@ -15,7 +15,7 @@ import ml_collections
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax.errors import UserError
-from imagen_jax.train import sharding as train_sharding
+from imagen_jax import sharding as sharding_lib
 
 
 def stage_settings(config: ml_collections.ConfigDict, n: int) -> list[cascade_lib.StageSettings]:
@@ -31,7 +31,7 @@ def cascade_from_config(config: ml_collections.ConfigDict,
   if not paths:
     raise UserError("config.stages is empty. Fix: pass the stages' workdirs, base first, "
                     "e.g. --config.stages=\"('runs/base64', 'runs/sr256')\".")
-  mesh = train_sharding.mesh_from_config(config.mesh)
+  mesh = sharding_lib.mesh_from_config(config.mesh)
   return cascade_lib.Cascade.from_workdirs(paths, weights=config.weights, mesh=mesh)
 
 

@@ -138,7 +138,7 @@ SLOW_FIRST = (
     "tests/test_eval_job.py",
     "tests/test_sweep.py",
     "tests/models/test_efficient_unet.py",
-    "tests/train/test_samples.py",
+    "tests/test_sampling.py",
     "tests/models/test_layers.py",
     "tests/diffusion/test_testbed.py",
 )

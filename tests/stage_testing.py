@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from imagen_jax import config_files
-from imagen_jax.train import checkpointing, sharding as train_sharding
+from imagen_jax import sharding as sharding_lib
+from imagen_jax.train import checkpointing
 from imagen_jax.train import state as state_lib
 
 
@@ -35,7 +36,7 @@ def random_weights(abstract, rng: np.random.Generator):
 
 def write_stage(config, workdir: str, seed: int = 0, step: int = 0) -> str:
   """A checkpoint (of `step`) of `config` with random weights under workdir/checkpoints."""
-  mesh = train_sharding.mesh_from_config(config.mesh)
+  mesh = sharding_lib.mesh_from_config(config.mesh)
   _, abstract, _ = state_lib.abstract_state(config, mesh)
   rng = np.random.default_rng(seed)
   weights = random_weights(abstract.params, rng)

@@ -18,7 +18,7 @@ import stage_testing
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import config_files
 from imagen_jax.diffusion import guidance, schedules
-from imagen_jax.train import samples
+from imagen_jax import sampling as samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["grinning face", "red apple", "rocket", "cat face", "a dog"]
@@ -198,3 +198,16 @@ def test_cascade_configs_validate():
   demo.stage2.aug_t = 1.5
   with pytest.raises(config_checks.ConfigError, match="aug_t"):
     config_checks.validate(demo, "sample")
+
+
+def test_sampling_a_cascade_does_not_import_the_trainer():
+  # Inference reads checkpoints (train.checkpointing, train.state for their structure) but
+  # must not load the training loop, the train step or the training log.
+  code = ("import sys, imagen_jax.cascade, imagen_jax.cascade_job; "
+          "print(sorted(m for m in sys.modules if m.startswith('imagen_jax.train')))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  loaded = eval(proc.stdout.strip().splitlines()[-1])  # pylint: disable=eval-used
+  for module in ("trainer", "step", "logging", "metrics", "plots"):
+    assert f"imagen_jax.train.{module}" not in loaded, loaded

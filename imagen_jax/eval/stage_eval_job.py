@@ -34,13 +34,13 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import cascade as cascade_lib
+from imagen_jax import sharding as sharding_lib
 from imagen_jax.errors import UserError
 from imagen_jax.eval import eval_job
 from imagen_jax.eval import fid as fid_lib
 from imagen_jax.eval import kid as kid_lib
 from imagen_jax.train import checkpointing
-from imagen_jax.train import logging as log_lib
-from imagen_jax.train import sharding as train_sharding
+from imagen_jax.train import plots
 
 
 def checkpoint_steps(workdir: str, wanted: Any) -> list[int]:
@@ -82,7 +82,7 @@ def loss_by_logsnr(workdir: str) -> dict[str, Any] | None:
   if last is None:
     return None
   keys = sorted((k for k in last if k.startswith("loss/bucket_")),
-                key=log_lib.bucket_sort_key)
+                key=plots.bucket_sort_key)
   return {"step": last.get("step"), "buckets": [k[len("loss/bucket_"):] for k in keys],
           "loss": [float(last[k]) for k in keys]}
 
@@ -114,7 +114,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   prompts = eval_job.eval_prompts(ref_caps, int(ec.num_images), int(ec.seed))
   grid_prompts = [str(p) for p in ec.prompts]
   settings = [cascade_lib.StageSettings(guidance=float(ec.guidance))]
-  mesh = train_sharding.mesh_from_config(config.mesh)
+  mesh = sharding_lib.mesh_from_config(config.mesh)
   cascade = None
   rows = []
   for step in steps:

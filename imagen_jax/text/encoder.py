@@ -50,13 +50,11 @@ class TextEncoder:
     self.dtype, self.mesh = dtype, mesh
     graphdef, state = nnx.split(model)
     if mesh is not None:
-      data_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
-      # Batches must split evenly over the data axes.
-      per = int(np.prod([mesh.shape[a] for a in data_axes])) if data_axes else 1
+      # Batches must split evenly over the batch axes.
+      per = sharding.batch_split(mesh)
       batch_size = -(-batch_size // per) * per
       state = sharding.shard_state(state, mesh, rules)
-      self._batch_sharding = jax.sharding.NamedSharding(
-          mesh, jax.sharding.PartitionSpec(data_axes or None))
+      self._batch_sharding = sharding.batch_sharding(mesh)
     else:
       self._batch_sharding = None
     self.batch_size = batch_size

@@ -7,8 +7,12 @@ Modules:
   step.py           the jitted train step: diffusion loss, CFG text dropout, SR noise
                     augmentation, gradient accumulation, non-finite skips, EMA, metrics
   checkpointing.py  Orbax checkpoints of the state and the data iterator
-  logging.py        metrics, throughput and MFU logging
-  samples.py        EMA sample grids during training
-  sharding.py       mesh and sharding rules of the trainer
+  metrics.py        step metrics -> logged scalars (loss per log-SNR bucket, MFU)
+  logging.py        TensorBoard, metrics.jsonl, console line, sample-grid PNGs
+  plots.py          loss.png from metrics.jsonl
   trainer.py        the training loop behind launch.py --mode=train
+
+Sampling (imagen_jax/sampling.py), image grids (imagen_jax/images.py) and the mesh and
+batch sharding (imagen_jax/sharding.py) live outside this package: inference uses them
+without importing the trainer.
 """

@@ -38,6 +38,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from imagen_jax import sharding as sharding_lib
 from imagen_jax.diffusion import guidance, objectives
 from imagen_jax.diffusion.schedules import Schedule, get_schedule
 from imagen_jax.train.optim import learning_rate, make_optimizer
@@ -50,20 +51,9 @@ Array = jax.Array
 LOGSNR_BUCKETS = np.linspace(-20.0, 20.0, 9)
 # The batch keys the step reads; anything else (captions, indices) is dropped on the host.
 BATCH_KEYS = ("image", "text", "text_mask", "lowres")
-# Mesh axes the batch dimension is split over.
-BATCH_AXES = ("data", "fsdp")
 
 
 # Host -> device ------------------------------------------------------------------------
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over the mesh's 'data' and 'fsdp' axes."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-
-
-def _batch_shards(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def device_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Array]:
@@ -72,7 +62,7 @@ def device_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Array]:
   Each process passes its local part; the global batch (local * process count) must
   divide by the mesh's data * fsdp size.
   """
-  sh, shards = batch_sharding(mesh), _batch_shards(mesh)
+  sh, shards = sharding_lib.batch_sharding(mesh), sharding_lib.batch_split(mesh)
   out = {}
   for k in BATCH_KEYS:
     if k not in batch:
@@ -187,12 +177,12 @@ def _micro_batches(inputs: dict[str, Array], accum: int, mesh: Mesh) -> dict[str
   if b % accum:
     raise ValueError(f"Batch size {b} does not divide into train.accum_steps={accum} "
                      "micro-batches; change train.batch_size or accum_steps.")
-  if (b // accum) % _batch_shards(mesh):
+  if (b // accum) % sharding_lib.batch_split(mesh):
     raise ValueError(f"Micro-batches of {b // accum} examples (batch {b} / accum_steps "
                      f"{accum}) do not divide over the mesh's data*fsdp = "
-                     f"{_batch_shards(mesh)} devices; change train.batch_size, "
+                     f"{sharding_lib.batch_split(mesh)} devices; change train.batch_size, "
                      "accum_steps or the mesh.")
-  sh = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+  sh = NamedSharding(mesh, PartitionSpec(None, sharding_lib.BATCH_AXES))
 
   def split(x):
     x = x.reshape((b // accum, accum) + x.shape[1:]).swapaxes(0, 1)
@@ -283,7 +273,7 @@ def make_train_step(config, graphdef: nnx.GraphDef, state_shardings: TrainState,
     return new_state, metrics
 
   replicated = NamedSharding(mesh, PartitionSpec())
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
+  jitted = jax.jit(step, in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated), donate_argnums=0,
                    compiler_options=compiler_options)
 

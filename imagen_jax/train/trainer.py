@@ -32,15 +32,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from imagen_jax import runtime
+from imagen_jax import images as images_lib
+from imagen_jax import runtime, sampling
+from imagen_jax import sharding as sharding_lib
 from imagen_jax import text as text_lib
 from imagen_jax.data import datasets, pipeline
 from imagen_jax.errors import UserError
 from imagen_jax.text import cache as cache_lib
-from imagen_jax.train import checkpointing, samples, sharding as train_sharding
+from imagen_jax.train import checkpointing
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
 from imagen_jax.train import logging as log_lib
+from imagen_jax.train import metrics as metrics_lib
+from imagen_jax.train import plots
 
 
 # Fault injection for tests: the process SIGKILLs itself after this step (a crash at a
@@ -94,8 +98,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   tc = config.train
-  mesh = train_sharding.mesh_from_config(config.mesh)
-  train_sharding.check_batch(tc.batch_size, mesh, accum_steps=tc.accum_steps)
+  mesh = sharding_lib.mesh_from_config(config.mesh)
+  sharding_lib.check_batch(tc.batch_size, mesh, accum_steps=tc.accum_steps)
 
   # Data and text first: a missing dataset fails before anything compiles.
   source = datasets.data_source(config.data, config.data.train_split)
@@ -118,7 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     graphdef, state, shardings = state_lib.create_state(config, mesh)
     start = 0
   step_fn = step_lib.make_train_step(config, graphdef, shardings, mesh)
-  sample_fn = samples.make_sample_fn(config, graphdef)
+  sample_fn = sampling.make_sample_fn(config, graphdef)
   # Every process samples (the params are sharded across all of them); only the main
   # process writes the grid.
   sample_inputs = _sample_inputs(config, text_source, config.data)
@@ -130,7 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       peak = runtime.peak_flops_per_device()[0]
     except ValueError as e:  # an accelerator missing from the table: no MFU, say why
       print(f"warning: {e} MFU is not logged.")
-  acc = log_lib.MetricAccumulator(peak_flops=peak * jax.device_count() or None,
+  acc = metrics_lib.MetricAccumulator(peak_flops=peak * jax.device_count() or None,
                                   images_per_step=tc.batch_size,
                                   bucket_edges=step_lib.LOGSNR_BUCKETS)
   metadata = {"config": config.to_dict(), "process_count": jax.process_count()}
@@ -197,7 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ckpt.close()
   logger.close()
   if is_main:
-    log_lib.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
+    plots.plot_metrics(os.path.join(workdir, "metrics.jsonl"),
                          os.path.join(workdir, "loss.png"))
   summary.update(final_step=step, complete=step >= tc.steps, preempted=preempted,
                  flops_per_step=flops,
@@ -212,5 +216,5 @@ def _log_samples(logger, sample_fn, state, inputs, step: int, config) -> None:
   ema = state.ema[sorted(state.ema)[-1]] if state.ema else state.params
   images = sample_fn(ema, inputs["text"], inputs["text_mask"],
                      jax.random.key(config.train.seed), lowres=inputs["lowres"])
-  grid = log_lib.image_grid(np.asarray(jax.device_get(images)))
-  logger.image(step, "ema_samples", log_lib.caption_strip(grid, inputs["prompts"]))
+  grid = images_lib.image_grid(np.asarray(jax.device_get(images)))
+  logger.image(step, "ema_samples", images_lib.caption_strip(grid, inputs["prompts"]))

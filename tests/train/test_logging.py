@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagen_jax import images as images_lib
 from imagen_jax.train import logging as log_lib
+from imagen_jax.train import metrics as metrics_lib
+from imagen_jax.train import plots
 
 
 def read_events(tb_dir: str) -> list:
@@ -51,7 +54,7 @@ def test_image_grid_layout_and_values():
   imgs[0] = -1.0
   imgs[1] = 1.0
   imgs[2] = 0.0
-  g = log_lib.image_grid(imgs, ncols=2, pad=1, pad_value=7)
+  g = images_lib.image_grid(imgs, ncols=2, pad=1, pad_value=7)
   assert g.dtype == np.uint8 and g.shape == (1 + 2 * 3, 1 + 2 * 3, 3)
   np.testing.assert_array_equal(g[1:3, 1:3], 0)      # -1 -> 0
   np.testing.assert_array_equal(g[1:3, 4:6], 255)    # +1 -> 255
@@ -62,23 +65,23 @@ def test_image_grid_layout_and_values():
 
 def test_image_grid_uint8_default_columns_clip_and_upscale():
   u = np.arange(5 * 3 * 3 * 3, dtype=np.uint8).reshape(5, 3, 3, 3)
-  g = log_lib.image_grid(u, pad=0)                   # ncols = ceil(sqrt(5)) = 3
+  g = images_lib.image_grid(u, pad=0)                   # ncols = ceil(sqrt(5)) = 3
   assert g.shape == (2 * 3, 3 * 3, 3)
   np.testing.assert_array_equal(g[3:6, 0:3], u[3])   # row-major: the 4th image starts row 2
-  big = log_lib.image_grid(np.full((1, 2, 2, 1), 5.0), pad=0, upscale=3)
+  big = images_lib.image_grid(np.full((1, 2, 2, 1), 5.0), pad=0, upscale=3)
   assert big.shape == (6, 6, 3) and (big == 255).all()  # out of range clipped; gray -> RGB
   with pytest.raises(ValueError, match="image_grid"):
-    log_lib.image_grid(np.zeros((2, 4, 4)))
+    images_lib.image_grid(np.zeros((2, 4, 4)))
 
 
 def test_mfu_arithmetic():
   # 2 TFLOP per step in 0.5 s is 4 TFLOP/s; against 8 devices x 1 TFLOP/s: 50%.
-  assert log_lib.mfu(2e12, 0.5, 8 * 1e12) == pytest.approx(0.5)
+  assert metrics_lib.mfu(2e12, 0.5, 8 * 1e12) == pytest.approx(0.5)
 
 
 def test_caption_strip_adds_a_legend():
-  grid = log_lib.image_grid(np.zeros((4, 8, 8, 3)), pad=1)
-  out = log_lib.caption_strip(grid, ["grinning face, twemoji style", "red apple"])
+  grid = images_lib.image_grid(np.zeros((4, 8, 8, 3)), pad=1)
+  out = images_lib.caption_strip(grid, ["grinning face, twemoji style", "red apple"])
   assert out.dtype == np.uint8 and out.shape[0] > grid.shape[0]
   assert out.shape[1] > grid.shape[1]                # widened for the long caption
   np.testing.assert_array_equal(out[:grid.shape[0], :grid.shape[1]], grid)
@@ -96,7 +99,7 @@ def _step(loss, sums, counts, *, grad_norm=1.0, lr=1e-3, skipped=0, bad=0):
 
 
 def test_accumulator_exact_bucket_means_one_transfer(monkeypatch):
-  acc = log_lib.MetricAccumulator(peak_flops=4e12, images_per_step=8, flops_per_step=1e12,
+  acc = metrics_lib.MetricAccumulator(peak_flops=4e12, images_per_step=8, flops_per_step=1e12,
                                   bucket_edges=[-20, -5, 0, 5, 20])
   acc.add(_step(0.5, [2.0, 0.0, 3.0, 0.0], [1, 0, 3, 0], grad_norm=1.0, lr=1e-3))
   acc.add(_step(0.7, [4.0, 0.0, 1.0, 0.0], [3, 0, 1, 0], grad_norm=3.0, lr=2e-3))
@@ -105,7 +108,7 @@ def test_accumulator_exact_bucket_means_one_transfer(monkeypatch):
                 lr=3e-3, skipped=1, bad=1))
   calls = []
   real_get = jax.device_get
-  monkeypatch.setattr(log_lib.jax, "device_get", lambda x: calls.append(1) or real_get(x))
+  monkeypatch.setattr(metrics_lib.jax, "device_get", lambda x: calls.append(1) or real_get(x))
   r = acc.result(seconds=3.0)
   assert len(calls) == 1
   assert r["loss"] == pytest.approx(0.6)
@@ -125,7 +128,7 @@ def test_accumulator_exact_bucket_means_one_transfer(monkeypatch):
 
 
 def test_accumulator_edges_from_metrics_or_index():
-  acc = log_lib.MetricAccumulator()
+  acc = metrics_lib.MetricAccumulator()
   m = _step(1.0, [2.0, 6.0], [1, 2])
   acc.add({**m, "bucket_edges": jnp.array([-10.0, 0.0, 10.0])})
   r = acc.result(seconds=1.0)
@@ -166,7 +169,7 @@ def test_tensorboard_events_image_png_and_text(tmp_path, capsys):
   wd = str(tmp_path)
   lg = log_lib.MetricLogger(wd, total_steps=10, initial=0)
   lg.scalars(5, {"loss": 0.25, "loss/bucket_-5_0": 0.5, "mfu": 0.1})
-  grid = log_lib.image_grid(np.zeros((4, 4, 4, 3)), pad=1)
+  grid = images_lib.image_grid(np.zeros((4, 4, 4, 3)), pad=1)
   png = lg.image(5, "ema_samples", grid)
   lg.text(5, "prompts", "a cat")
   lg.close()
@@ -197,8 +200,8 @@ def test_plot_metrics_writes_png(tmp_path):
       lg.scalars(step, {"loss": 1.0 / step, "grad_norm": 2.0,
                         "loss/bucket_-20_0": 2.0 / step, "loss/bucket_0_20": 0.5 / step})
     lg.scalars(55, {"loss": float("nan")})          # non-finite points are skipped
-  out = log_lib.plot_metrics(os.path.join(wd, "metrics.jsonl"), str(tmp_path / "loss.png"))
+  out = plots.plot_metrics(os.path.join(wd, "metrics.jsonl"), str(tmp_path / "loss.png"))
   assert out == str(tmp_path / "loss.png")
   im = Image.open(out)
   assert im.format == "PNG" and im.size[0] > 600
-  assert log_lib.plot_metrics(str(tmp_path / "missing.jsonl"), str(tmp_path / "x.png")) is None
+  assert plots.plot_metrics(str(tmp_path / "missing.jsonl"), str(tmp_path / "x.png")) is None

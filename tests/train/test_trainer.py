@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from imagen_jax import config_files
-from imagen_jax.train import checkpointing, sharding as train_sharding, state as state_lib
+from imagen_jax import sharding as sharding_lib
+from imagen_jax.train import checkpointing, state as state_lib
 from imagen_jax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def train_args(workdir, data_dir, config="configs/base64.py:smoke", *extra):
 def final_params(workdir, config="configs/base64.py", mesh=None):
   """The params of the newest checkpoint in workdir, as numpy leaves."""
   cfg = config_files.load(REPO / config, "smoke")
-  mesh = mesh or train_sharding.mesh_from_config(cfg.mesh)
+  mesh = mesh or sharding_lib.mesh_from_config(cfg.mesh)
   _, abstract, _ = state_lib.abstract_state(cfg, mesh)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), every=1, keep=100)
   state, _, step = ckpt.restore(abstract)

@@ -1,4 +1,6 @@
-"""Sampling a trained stage: the log's sample grids, and the cascade's per-stage step.
+"""Sampling a trained stage with guidance and thresholding: the cascade's per-stage step
+and the training log's sample grids. Imports nothing of `train/`, so inference does not
+load the trainer.
 
 `make_sample_fn(config, graphdef)` returns a jitted
 `fn(params, text, text_mask, rng, lowres=None, ...) -> images [N, R, R, C]` that runs
@@ -22,7 +24,7 @@ prompts share its batch (the cascade relies on this to make every image regenera
 Stochastic sampler steps draw from the first key's stream for the whole batch.
 
 The images are the sampler's final x0_hat: within [-1, 1] when thresholding is on; with
-thresholding "none" they may overshoot, and `logging.image_grid` clips them for display.
+thresholding "none" they may overshoot, and `images.image_grid` clips them for display.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from flax import nnx
 from imagen_jax import config_files
 from imagen_jax.diffusion import guidance, schedules
 from imagen_jax.models import build_model
-from imagen_jax.train import samples
+from imagen_jax import sampling as samples
 
 N = 2
 
