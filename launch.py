@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 import os
 import re
 import sys
@@ -197,12 +196,9 @@ def _unknown_override(argv: list[str], spec: str | None) -> str | None:
   """Names the first `--config.KEY` override whose key the config does not have."""
   if spec is None:
     return None
-  try:  # load it again, as ml_collections does: the failed parse kept no config
-    path, *arg = spec.split(":", 1)
-    module_spec = importlib.util.spec_from_file_location("_launch_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(*arg)
+  from imagen_jax import config_files  # pylint: disable=g-import-not-at-top
+  try:  # load it again: the failed parse kept no config
+    config = config_files.load(spec)
   except Exception:  # the original error is more useful than this one
     return None
   for arg in argv:

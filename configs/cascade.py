@@ -6,8 +6,9 @@ r"""The cascade of trained stages: sampling from text, and its evaluation.
 
 `stages` lists the stages' training workdirs (or checkpoints directories), base first; each
 stage brings the config it was trained with (sampler, steps, guidance, thresholding,
-noise augmentation, text encoder), and `stage0`..`stage2` override any of those per stage
-(unset = the stage's own value), e.g. --config.stage1.steps=8 --config.stage2.aug_t=0.1.
+noise augmentation, text encoder), and `stage0`, `stage1`, ... (one per stage) override
+any of those (unset = the stage's own value), e.g. --config.stage1.steps=8
+--config.stage2.aug_t=0.1.
 An SR stage's noise-augmentation level is given by at most one of aug_t (a time of the
 stage's augmentation schedule), aug_logsnr or aug_sigma (the std of the noise added to
 the low-res input); settings.json records all three.
@@ -59,9 +60,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.stages = ("runs/base64", "runs/sr256", "runs/sr1024")
   c.weights = "ema"  # "ema" (the slowest-decaying EMA) or "params"
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.stage0 = _overrides()
-  c.stage1 = _overrides()
-  c.stage2 = _overrides()
 
   # batch_size is per sampling call, rounded up to a multiple of the device count.
   c.sample = dict(prompts=("grinning face, twemoji style", "red apple, openmoji style",
@@ -100,4 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   batch_size=8, grid_size=4,
                   alignment=dict(train_limit=16, dim=8, steps=20, batch_size=16, lr=1e-2,
                                  weight_decay=0.0, candidates=4, seed=0))
+  # One override section per stage (at least three, so that tests and the command line
+  # can set stage0..stage2 of a variant that gives its stages with --config.stages); a
+  # longer cascade lists its stages in a variant, which gives it stage3, stage4, ...
+  for k in range(max(3, len(c.stages))):
+    c[f"stage{k}"] = _overrides()
   return c

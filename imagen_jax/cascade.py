@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from imagen_jax import dataclass_config
 from imagen_jax import images as images_lib
 from imagen_jax import sampling
 from imagen_jax import sharding as sharding_lib
@@ -69,14 +70,10 @@ class StageSettings:
 
   @classmethod
   def from_dict(cls, d: Any) -> "StageSettings":
-    d = dict(d or {})
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise CascadeError(f"Unknown stage setting(s) {unknown}; known: {sorted(known)}.")
     # Config files spell "keep the stage's value" as None, 0 or "" (locked configs cannot
     # hold None for a typed key).
-    return cls(**{k: (v if v not in ("", None) else None) for k, v in d.items()})
+    d = {k: (v if v not in ("", None) else None) for k, v in dataclass_config.as_dict(d).items()}
+    return dataclass_config.from_mapping(cls, d, error=CascadeError, what="stage setting")
 
 
 @dataclasses.dataclass

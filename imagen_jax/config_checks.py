@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from typing import Any, Callable, Sequence
 
 import ml_collections
@@ -424,6 +425,12 @@ def check_train(config: ml_collections.ConfigDict, mode: str) -> None:
   positive_int(config, "data.workers", minimum=0)
 
 
+def stage_override_sections(config: ml_collections.ConfigDict) -> list[str]:
+  """The cascade config's per-stage override sections stage0, stage1, ..., in order."""
+  found = [k for k in config.keys() if re.fullmatch(r"stage\d+", k)]
+  return sorted(found, key=lambda k: int(k[len("stage"):]))
+
+
 def check_cascade(config: ml_collections.ConfigDict, mode: str) -> None:
   """stages, weights, per-stage overrides (unset = the stage's own value), sample."""
   stages = get(config, "stages")
@@ -432,10 +439,7 @@ def check_cascade(config: ml_collections.ConfigDict, mode: str) -> None:
     raise ConfigError("stages", stages, "must list the stages' workdirs, base first",
                       fix="pass --config.stages=\"('runs/base64', 'runs/sr256')\"")
   one_of(config, "weights", ("ema", "params"))
-  for k in range(3):
-    section = f"stage{k}"
-    if section not in config:
-      continue
+  for section in stage_override_sections(config):
     o = get(config, section)
     if o.get("sampler") is not None:
       one_of(config, f"{section}.sampler", sorted(samplers.METHODS))

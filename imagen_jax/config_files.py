@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import ml_collections
 
@@ -19,6 +20,11 @@ def load(path: str | os.PathLike, variant: str | None = None) -> ml_collections.
     path, variant = path.rsplit(":", 1)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Config file {path!r} does not exist.")
+  # Config files import their shared sections as `from configs import common`: the folder
+  # above configs/ must be importable, as it is for launch.py (its own folder).
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
   name = "_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)

@@ -55,11 +55,7 @@ def sampler_kwargs(sampler_cfg: Any) -> dict[str, Any]:
   return kw
 
 
-def schedule_from_config(diffusion_cfg: Any) -> schedules.Schedule:
-  """The stage's noise schedule: diffusion.schedule with diffusion.schedule_kw."""
-  kw = diffusion_cfg.get("schedule_kw", None) or {}
-  kw = kw.to_dict() if hasattr(kw, "to_dict") else dict(kw)
-  return schedules.get_schedule(diffusion_cfg["schedule"], **kw)
+schedule_from_config = schedules.from_config  # the stage's schedule (diffusion section)
 
 
 def _placeholder_rest(config: ml_collections.ConfigDict) -> nnx.State:
@@ -104,7 +100,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   """
   is_sr = config.kind == "sr"
   dc = config.diffusion
-  schedule = schedule_from_config(dc)
+  schedule = schedules.from_config(dc)
   kw = sampler_kwargs(dc.sampler)
   target = dc.target
   default_scale = float(config.log.guidance if guidance_scale is None else guidance_scale)

@@ -36,6 +36,12 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+def logical(*names: str | None) -> dict[str, tuple]:
+  """The metadata that gives a variable logical axis names, for the networks' layers:
+  nnx.Linear(..., kernel_metadata=logical("embed", "mlp"))."""
+  return {"out_sharding": tuple(names)}
+
+
 class MeshError(UserError, ValueError):
   """A mesh or batch size that does not fit the devices."""
 

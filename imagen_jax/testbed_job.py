@@ -44,8 +44,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Samples, measures, writes the outputs to `workdir`; returns the metrics."""
   os.makedirs(workdir, exist_ok=True)
   gmm = build_mixture(config.data)
-  schedule = schedules.get_schedule(config.diffusion.schedule,
-                                    **config.diffusion.schedule_kw.to_dict())
+  schedule = schedules.from_config(config.diffusion)
   sc = config.diffusion.sampler
   options = sampler_options(sc)
   n = config.eval.num_samples

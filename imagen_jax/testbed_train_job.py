@@ -46,7 +46,7 @@ from imagen_jax.models.mlp import MLPDenoiser
 def build_objective(config: ml_collections.ConfigDict):
   """(training schedule, weighting function) of the config's diffusion section."""
   d = config.diffusion
-  schedule = schedules.get_schedule(d.schedule, **d.schedule_kw.to_dict())
+  schedule = schedules.from_config(d)
   return schedule, objectives.get_weighting(d.weighting, **d.weighting_kw.to_dict())
 
 
@@ -147,7 +147,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   levels = [float(l) for l in ec.logsnr_levels]
   excess, bayes = excess_mse(denoise, gmm, levels, ec.num_samples, mse_key)
 
-  sample_schedule = schedules.get_schedule(sc.schedule, **sc.schedule_kw.to_dict())
+  sample_schedule = schedules.from_config(sc)
   options = testbed_job.sampler_options(sc)
   start = time.perf_counter()
   out = jax.jit(lambda key: samplers.sample(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -337,6 +337,14 @@ def get_schedule(name: str, **kw) -> Schedule:
     raise ValueError(
         f"Schedule {name!r} takes {sorted(fields)}; unknown argument(s) {sorted(unknown)}.")
   return cls(**kw)
+
+
+def from_config(section: Any) -> Schedule:
+  """The schedule of a config section holding `schedule` and optionally `schedule_kw`
+  (config.diffusion, a sampler section): the one place a config names a schedule."""
+  kw = section.get("schedule_kw", None) or {}
+  kw = kw.to_dict() if hasattr(kw, "to_dict") else dict(kw)
+  return get_schedule(section["schedule"], **kw)
 
 
 def logsnr_density(schedule: Schedule, logsnr: Array) -> Array:

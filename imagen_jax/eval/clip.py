@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from imagen_jax.sharding import logical as _names
 from imagen_jax.text import hf_files
 
 Array = jax.Array
@@ -168,10 +169,6 @@ CLIP_SIZES: dict[str, CLIPConfig] = {
     "ViT-B/16": _size(224, 16, 768, 12, 512, 512),
     "ViT-L/14": _size(224, 14, 1024, 24, 768, 768),
 }
-
-
-def _names(*names):
-  return {"out_sharding": tuple(names)}
 
 
 def _dense(cin: int, cout: int, names: tuple[str, str], rngs: nnx.Rngs, dtype,

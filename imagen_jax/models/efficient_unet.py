@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagen_jax import dataclass_config
 from imagen_jax.models import layers as L
 
 Array = jax.Array
@@ -131,16 +132,11 @@ class EfficientUNetConfig:
     `name` is accepted (it selects the network) if it says "efficient_unet"; any other
     unknown key is an error rather than silently ignored.
     """
-    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    d = dataclass_config.as_dict(d)
     name = d.pop("name", "efficient_unet")
     if name != "efficient_unet":
       raise ValueError(f"model.name {name!r}: EfficientUNetConfig builds 'efficient_unet'.")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f"Unknown EfficientUNetConfig keys {unknown}; valid keys: "
-                       f"{sorted(fields)}.")
-    return cls(**d)
+    return dataclass_config.from_mapping(cls, d)
 
   @property
   def level_channels(self) -> tuple[int, ...]:

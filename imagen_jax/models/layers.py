@@ -22,16 +22,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagen_jax.sharding import logical as _names
+
 Array = jax.Array
 Dtype = Any
 
 # Logical names are metadata until a mesh exists; creating variables must not try to
 # shard them eagerly (the trainer shards the whole state from abstract shapes instead).
 nnx.use_eager_sharding(False)
-
-
-def _names(*names):
-  return {"out_sharding": tuple(names)}
 
 
 def conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, *, dtype: Dtype, stride: int = 1,

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagen_jax import dataclass_config
 from imagen_jax.models import layers
 
 Array = jax.Array
@@ -109,12 +110,8 @@ class UNetConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
     """Builds the config from a mapping (e.g. `config.model`); `name` is ignored, any
     other unknown key is an error naming the valid ones."""
-    d = {k: v for k, v in dict(d).items() if k != "name"}
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-      raise ValueError(f"Unknown UNetConfig key(s) {unknown}; valid keys: {sorted(fields)}.")
-    return cls(**d)
+    d = {k: v for k, v in dataclass_config.as_dict(d).items() if k != "name"}
+    return dataclass_config.from_mapping(cls, d)
 
 
 class UNet(nnx.Module):

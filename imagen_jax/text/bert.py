@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from imagen_jax.sharding import logical as _names
 from imagen_jax.text import hf_files
 
 Array = jax.Array
@@ -83,10 +84,6 @@ class BertConfig:
               hidden_act=hf.get("hidden_act", "gelu"))
     kw.update(overrides)
     return cls(**kw)
-
-
-def _names(*names):
-  return {"out_sharding": tuple(names)}
 
 
 def _dense(cin: int, cout: int, names: tuple[str, str], rngs: nnx.Rngs, dtype) -> nnx.Linear:

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from imagen_jax.sharding import logical as _names
+
 Array = jax.Array
 
 # Logical names are metadata until a mesh exists (see models/layers.py).
@@ -181,10 +183,6 @@ def relative_position_bucket(relative_position: np.ndarray, *, num_buckets: int 
   large = max_exact + (log_ratio * np.float32(half - max_exact)).astype(np.int64)
   large = np.minimum(large, half - 1)
   return (bucket + np.where(dist < max_exact, dist, large)).astype(np.int32)
-
-
-def _names(*names):
-  return {"out_sharding": tuple(names)}
 
 
 def _dense(cin: int, cout: int, names: tuple, cfg: T5Config, rngs: nnx.Rngs,

@@ -40,7 +40,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from imagen_jax import sharding as sharding_lib
 from imagen_jax.diffusion import guidance, objectives
-from imagen_jax.diffusion.schedules import Schedule, get_schedule
+from imagen_jax.diffusion import schedules as schedules_lib
+from imagen_jax.diffusion.schedules import Schedule
 from imagen_jax.train.optim import learning_rate, make_optimizer
 from imagen_jax.train.state import TrainState
 
@@ -85,8 +86,7 @@ def device_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Array]:
 
 
 def _schedule(config) -> Schedule:
-  d = config.diffusion
-  return get_schedule(d.schedule, **dict(d.get("schedule_kw") or {}))
+  return schedules_lib.from_config(config.diffusion)
 
 
 def _weighting(config) -> Callable[[Array], Array]:
