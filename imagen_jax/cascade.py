@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import dataclass_config
+from imagen_jax import export
 from imagen_jax import images as images_lib
 from imagen_jax import sampling
 from imagen_jax import sharding as sharding_lib
@@ -129,9 +130,9 @@ def _checkpoint_dir(path: str) -> str:
     return sub
   if os.path.isdir(path):
     return path
-  raise CascadeError(f"No stage at {path}: expected a training workdir (with checkpoints/) "
-                     "or a checkpoints directory. Fix: train the stage first (launch.py "
-                     "--mode=train --workdir=...) or correct the path.")
+  raise CascadeError(f"No stage at {path}: expected a training workdir (with checkpoints/), "
+                     "a checkpoints directory or an exported stage (.npz). Fix: train the "
+                     "stage first (launch.py --mode=train --workdir=...) or correct the path.")
 
 
 def load_stage(path: str, *, step: int | None = None, weights: str = "ema",
@@ -144,6 +145,8 @@ def load_stage(path: str, *, step: int | None = None, weights: str = "ema",
   """
   if weights not in ("ema", "params"):
     raise CascadeError(f"weights={weights!r}: choose 'ema' or 'params'.")
+  if os.path.isfile(path) and path.endswith(".npz"):
+    return _load_exported(path, mesh=mesh)
   directory = _checkpoint_dir(path)
   mesh = mesh or sharding_lib.mesh_from_config({"data": -1, "fsdp": 1, "tensor": 1})
   ckpt = checkpointing.Checkpointer(directory, every=1, keep=1 << 30, async_save=False)
@@ -168,6 +171,22 @@ def load_stage(path: str, *, step: int | None = None, weights: str = "ema",
     params, label = state.params, "params"
   return Stage(config=config, graphdef=graphdef, params=params, rest=state.rest,
                step=int(restored_step), source=directory, weights=label)
+
+
+def _load_exported(path: str, *, mesh: jax.sharding.Mesh | None = None) -> Stage:
+  """A stage written by imagen_jax.export (its sampling weights and config)."""
+  try:
+    config_dict, meta, arrays = export.read(path)
+    config = ml_collections.ConfigDict(config_dict)
+    mesh = mesh or sharding_lib.mesh_from_config({"data": -1, "fsdp": 1, "tensor": 1})
+    graphdef, abstract, _ = state_lib.abstract_state(config, mesh)
+    params = export.fill(abstract.params, arrays, "params/", path)
+    rest = export.fill(abstract.rest, arrays, "rest/", path)
+  except ValueError as e:
+    raise CascadeError(str(e)) from e
+  return Stage(config=config, graphdef=graphdef, params=params, rest=rest,
+               step=int(meta["step"]), source=os.path.abspath(path),
+               weights=str(meta["weights"]))
 
 
 def _text_key(data: Any) -> tuple:

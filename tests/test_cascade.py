@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -211,3 +212,23 @@ def test_sampling_a_cascade_does_not_import_the_trainer():
   loaded = eval(proc.stdout.strip().splitlines()[-1])  # pylint: disable=eval-used
   for module in ("trainer", "step", "logging", "metrics", "plots"):
     assert f"imagen_jax.train.{module}" not in loaded, loaded
+
+
+def test_an_exported_stage_samples_as_its_checkpoint(stages, tmp_path):
+  from imagen_jax import export  # pylint: disable=g-import-not-at-top
+  stage = cascade_lib.load_stage(stages[0])
+  path = export.save(stage, str(tmp_path / "base.npz"))
+  again = cascade_lib.load_stage(path)
+  assert again.step == stage.step and again.weights == stage.weights
+  assert again.config.to_dict() == stage.config.to_dict()
+  for a, b in zip(jax.tree.leaves(stage.params), jax.tree.leaves(again.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The same weights and keys: the same samples, bit for bit.
+  one = cascade_lib.Cascade([stage]).generate(["rocket"], seed=3, progress=False)
+  two = cascade_lib.Cascade([again]).generate(["rocket"], seed=3, progress=False)
+  np.testing.assert_array_equal(one.images[0], two.images[0])
+  # A file that is not an export says how to make one.
+  bad = tmp_path / "bad.npz"
+  bad.write_bytes(b"not a zip")
+  with pytest.raises(cascade_lib.CascadeError, match="python -m imagen_jax.export"):
+    cascade_lib.load_stage(str(bad))
