@@ -45,20 +45,13 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "eval", "precompute", "build_data")
-# (config kind, mode) -> "module:function", called as function(config, workdir). Modules
-# are imported only after the config is validated, so a typo fails before JAX compiles.
-JOBS = {("gmm", "sample"): "imagen_jax.testbed_job:run",
-        ("gmm_denoiser", "train"): "imagen_jax.testbed_train_job:run",
-        ("base", "precompute"): "imagen_jax.precompute_job:run",
-        ("sr", "precompute"): "imagen_jax.precompute_job:run",
-        ("base", "build_data"): "imagen_jax.data.build_job:run",
-        ("sr", "build_data"): "imagen_jax.data.build_job:run",
-        ("base", "train"): "imagen_jax.train.trainer:run",
-        ("base", "eval"): "imagen_jax.eval.stage_eval_job:run",
-        ("sr", "train"): "imagen_jax.train.trainer:run",
-        ("cascade", "sample"): "imagen_jax.cascade_job:run",
-        ("cascade", "eval"): "imagen_jax.eval.eval_job:run"}
+from imagen_jax import jobs  # declarations only: no JAX, no job module imported
+
+MODES = jobs.modes()
+# (config kind, mode) -> its job, from the declarations of imagen_jax/jobs/*.py. A job's
+# module is imported only after the config is validated, so a typo fails before any
+# heavy import or compile.
+JOBS = {key: spec.target for key, spec in jobs.table().items()}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/FILE.py[:VARIANT].",

@@ -52,15 +52,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           text_proj_dim=0, resample="conv"),
       data=dict(resolution=64, text_encoder="minilm", max_text_len=64))
 
-  # --mode=eval (imagen_jax/eval/stage_eval_job.py): the run's checkpoints at `steps`
+  # --mode=eval (imagen_jax/jobs/eval_stage.py): the run's checkpoints at `steps`
   # (() = every one kept), each sampled on num_images held-out captions (same captions and
   # noise at every step: seed) at `guidance` and scored by FID (bootstrap interval over
   # `bootstrap` resamples), KID (kid_subsets subsets of kid_subset_size) and the offline
-  # alignment score (or CLIP score with `clip` weights) against reference_limit (0 = all)
+  # alignment score (or CLIP score with `clip` weights; text_metric names the evaluator,
+  # imagen_jax/eval/evaluators.py) against reference_limit (0 = all)
   # held-out images; `prompts` are sampled from grid_seed into a grid per step.
   c.eval = dict(steps=(), num_images=500, seed=1234, guidance=3.0, weights="ema",
                 batch_size=64, reference_limit=0, bootstrap=200, kid_subsets=100,
                 kid_subset_size=1000, clip="", inception="", cache_dir="", grid_size=64,
+                text_metric="auto",
                 grid_seed=0,
                 prompts=("grinning face, twemoji style", "smiling face with heart-eyes, "
                          "openmoji style", "red heart, twemoji style", "red apple, openmoji "

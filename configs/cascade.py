@@ -17,7 +17,7 @@ the low-res input); settings.json records all three.
 through the first `sample.num_stages` stages (0 = all) and writes PNGs, captioned grids and
 settings.json (see imagen_jax/cascade.py).
 
---mode=eval (imagen_jax/eval/eval_job.py) follows Imagen's Figure 4 protocol at small scale:
+--mode=eval (imagen_jax/jobs/eval_cascade.py) follows Imagen's Figure 4 protocol at small scale:
 for each weight in eval.guidance_weights it samples eval.num_images held-out captions
 through stages 0..eval.fid_stage, and measures FID against that stage's held-out images
 and text-image alignment: CLIP score when eval.clip names CLIP weights, else the offline
@@ -70,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # sampled per weight; FID compares stage fid_stage's samples with reference_limit
   # (0 = all) held-out images of that stage's dataset (data_dir "" = the stage's own).
   # clip: a Hugging Face CLIP directory for CLIP score; "" uses the offline alignment
-  # score, trained on alignment.train_limit (0 = all) training pairs. cascade_samples:
+  # score, trained on alignment.train_limit (0 = all) training pairs. text_metric: the
+  # evaluator by name (imagen_jax/eval/evaluators.py); "auto" = clip_score with clip set. cascade_samples:
   # also run sample.prompts through every stage for report.md. aug_levels: the SR stages'
   # sampling augmentation levels to sweep (() = each stage's own; needs fid_stage >= 1),
   # every SR stage up to fid_stage sampled at each, given as aug_level_kind "t" (a time
@@ -79,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = dict(guidance_weights=(1.0, 3.0, 5.0), aug_levels=(), aug_level_kind="t",
                 num_images=1000, seed=1234, fid_stage=0,
                 batch_size=64, reference_limit=0, data_dir="", clip="", inception="",
+                text_metric="auto",
                 grid_size=16, cascade_samples=True, cache_dir="",
                 alignment=dict(train_limit=0, dim=256, steps=1500, batch_size=512, lr=1e-3,
                                weight_decay=1e-4, candidates=100, seed=0))

@@ -5,7 +5,7 @@ exact one: noise-schedule ablations with ground truth.
 
 Trains imagen_jax/models/mlp.py's log-SNR-conditioned MLP on fresh draws of a Gaussian
 mixture under a training noise distribution (diffusion.schedule), prediction target and
-loss weighting, then measures (imagen_jax/testbed_train_job.py):
+loss weighting, then measures (imagen_jax/jobs/testbed_train.py):
   - its excess MSE over the Bayes-optimal denoiser at each log-SNR of eval.logsnr_levels,
     E||x0_hat_net - E[x0 | x_t]||^2 / D (the testbed's E[x0 | x_t] is closed-form);
   - the sliced W2 of its samples to fresh data, with the noise floor of two data draws,

@@ -5,7 +5,7 @@ r"""Study B: noise-schedule ablation of the image base stage on the emoji data.
   python experiments/sweep.py experiments/emoji_schedules.py:pod list           # cluster
 
 Every arm trains the base stage from scratch with equal steps, batch and seed, then
---mode=eval (imagen_jax/eval/stage_eval_job.py) scores the same checkpoints of every arm
+--mode=eval (imagen_jax/jobs/eval_stage.py) scores the same checkpoints of every arm
 with the same held-out captions, noise, sampler (DPM-Solver++(2M)), guidance weight and N:
 FID with a bootstrap interval, KID, the offline alignment score, and a grid of fixed
 prompts. Arms (the list of issue 15, as in Study A, experiments/gmm_schedules.py):

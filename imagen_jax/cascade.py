@@ -353,11 +353,53 @@ def save_outputs(result: CascadeOutput, out_dir: str, *, grid_size: int = 64) ->
     start = result.settings["start_index"]
     for i, img in enumerate(imgs):
       Image.fromarray(img).save(os.path.join(sub, f"{start + i:05d}.png"))
-    grid = images_lib.caption_strip(images_lib.image_grid(imgs[:grid_size], pad=2),
-                                 result.prompts[:grid_size])
+    # Tiles of at least 64 px (nearest-neighbour), so a 16 or 32 px stage stays readable
+    # beside its captions; the PNGs per image keep their own size.
+    upscale = max(1, 64 // res)
+    grid = images_lib.caption_strip(
+        images_lib.image_grid(imgs[:grid_size], pad=2, upscale=upscale),
+        result.prompts[:grid_size])
     Image.fromarray(grid).save(os.path.join(out_dir, f"grid_{res}px.png"))
   tmp = os.path.join(out_dir, "settings.json.tmp")
   with open(tmp, "w") as f:
     json.dump(result.settings, f, indent=2)
   os.replace(tmp, os.path.join(out_dir, "settings.json"))
   result.out_dir = out_dir
+
+
+# From a cascade config (configs/cascade.py). -------------------------------------------
+
+def stage_settings(config: ml_collections.ConfigDict, n: int) -> list[StageSettings]:
+  """The per-stage overrides of config.stage0.. (missing sections: no override)."""
+  return [StageSettings.from_dict(config.get(f"stage{k}", {}) or {})
+          for k in range(n)]
+
+
+def cascade_from_config(config: ml_collections.ConfigDict,
+                        num_stages: int | None = None) -> Cascade:
+  """The Cascade of config.stages (the first num_stages of them)."""
+  paths = list(config.stages)[:num_stages or len(config.stages)]
+  if not paths:
+    raise CascadeError("config.stages is empty. Fix: pass the stages' workdirs, base first, "
+                       "e.g. --config.stages=\"('runs/base64', 'runs/sr256')\".")
+  mesh = sharding_lib.mesh_from_config(config.mesh)
+  return Cascade.from_workdirs(paths, weights=config.weights, mesh=mesh)
+
+
+def read_prompts(sample_cfg: Any) -> list[str]:
+  """sample.prompts_file (one prompt per line, blank lines skipped) or sample.prompts."""
+  path = sample_cfg.get("prompts_file", "")
+  if path:
+    if not os.path.isfile(path):
+      raise CascadeError(f"Prompts file {path} does not exist. Fix: pass --prompts_file "
+                         "with one prompt per line, or --prompt=TEXT (repeatable).")
+    with open(path, encoding="utf-8") as f:
+      prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+      raise CascadeError(f"Prompts file {path} holds no prompts (one per line).")
+    return prompts
+  prompts = [str(p) for p in sample_cfg.prompts]
+  if not prompts:
+    raise CascadeError("No prompts. Fix: pass --prompt=TEXT (repeatable) or "
+                       "--prompts_file=FILE.")
+  return prompts

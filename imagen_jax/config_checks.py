@@ -6,9 +6,10 @@ value, the allowed values (with a "did you mean" hint) and the fix, e.g.
   diffusion.schedule='cosin': unknown schedule. Did you mean 'cosine'? Allowed: 'cosine',
   'edm', ... Fix: pass --config.diffusion.schedule=cosine (or edit the config file).
 
-Each config `kind` lists the modes it supports and the checks it runs in `KINDS`; a new
-kind (or a new section such as model/train) adds its check functions there. Checks are
-pure: they read the config and the registries of `imagen_jax.diffusion`, nothing else.
+Each config `kind` lists the checks every config of it runs in `KINDS`; the modes a kind
+supports are the jobs that declare it (imagen_jax/jobs/), and a job's CHECKS add checks
+for that mode only (e.g. the eval settings). Checks are pure: they read the config and
+the registries of `imagen_jax.diffusion`, nothing else.
 """
 
 from __future__ import annotations
@@ -521,7 +522,10 @@ def check_cascade_eval(config: ml_collections.ConfigDict, mode: str) -> None:
 
 
 def _check_alignment(config: ml_collections.ConfigDict) -> None:
-  """eval.alignment: the offline alignment model's training settings."""
+  """eval.text_metric (an evaluator's name) and eval.alignment: the offline alignment
+  model's training settings."""
+  from imagen_jax.eval import evaluators  # pylint: disable=g-import-not-at-top
+  one_of(config, "eval.text_metric", evaluators.CHOICES)
   if not (_is_int(get(config, "eval.alignment.train_limit")) and
           get(config, "eval.alignment.train_limit") >= 0):
     raise ConfigError("eval.alignment.train_limit", get(config, "eval.alignment.train_limit"),
@@ -534,9 +538,8 @@ def _check_alignment(config: ml_collections.ConfigDict) -> None:
 
 
 def check_stage_eval(config: ml_collections.ConfigDict, mode: str) -> None:
-  """eval of a base stage's checkpoints (imagen_jax/eval/stage_eval_job.py)."""
-  if mode != "eval":
-    return
+  """eval of a base stage's checkpoints (imagen_jax/jobs/eval_stage.py declares it)."""
+  del mode
   steps = get(config, "eval.steps")
   if not (isinstance(steps, (tuple, list)) and all(_is_int(s) and s >= 0 for s in steps)):
     raise ConfigError("eval.steps", steps, "must be a tuple of checkpoint steps (() = all)",
@@ -563,52 +566,52 @@ def check_stage_eval(config: ml_collections.ConfigDict, mode: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-  """What a config `kind` can run (`modes`) and the checks its config must pass."""
+  """The checks every config of a `kind` must pass, whatever the mode; `why` is shown when
+  a mode is not supported. The modes themselves are the jobs that declare the kind
+  (imagen_jax/jobs/), which may add checks of their own (their CHECKS)."""
 
-  modes: tuple[str, ...]
   checks: tuple[Check, ...]
-  why: str = ""  # shown when a mode is not supported
+  why: str = ""
 
 
 KINDS: dict[str, Kind] = {
     "gmm": Kind(
-        modes=("sample",),
         checks=(check_gmm_data, check_schedule, check_sampler, check_eval_samples),
         why="the Gaussian-mixture testbed uses its exact denoiser, so there is no "
             "network to train, evaluate or precompute inputs for"),
     "gmm_denoiser": Kind(
-        modes=("train",),
         checks=(check_gmm_data, check_schedule, check_objective, check_gmm_denoiser,
                 check_eval_samples),
         why="the job trains the denoiser and then evaluates it in one run"),
     # Network configs: a stage is trained alone, then sampled and evaluated in a cascade.
-    "base": Kind(modes=("build_data", "precompute", "train", "eval"),
-                 checks=(check_model, check_data, check_text, check_schedule, check_objective,
-                         check_sampler, check_train, check_stage_eval),
+    "base": Kind(checks=(check_model, check_data, check_text, check_schedule, check_objective,
+                         check_sampler, check_train),
                  why="trained stages are sampled together through configs/cascade.py; "
                      "--mode=eval scores a base stage's own checkpoints"),
-    "sr": Kind(modes=("build_data", "precompute", "train"),
-               checks=(check_model, check_data, check_text, check_schedule, check_objective,
+    "sr": Kind(checks=(check_model, check_data, check_text, check_schedule, check_objective,
                        check_noise_aug, check_sampler, check_train),
                why="trained stages are sampled and evaluated together through "
                    "configs/cascade.py"),
-    "cascade": Kind(modes=("sample", "eval"), checks=(check_cascade, check_cascade_eval),
+    "cascade": Kind(checks=(check_cascade,),
                     why="it combines stages trained with their own configs"),
 }
 
 
 def validate(config: ml_collections.ConfigDict, mode: str) -> None:
   """Raises ConfigError for the first problem found in `config` run under `mode`."""
+  from imagen_jax import jobs  # pylint: disable=g-import-not-at-top
   kind = one_of(config, "kind", sorted(KINDS))
   spec = KINDS[kind]
-  if not spec.modes:
+  modes_of_kind = jobs.modes_of(kind)
+  if not modes_of_kind:
     raise ConfigError("--mode", mode, f"configs of kind {kind!r} cannot run yet ({spec.why})",
                       fix="see the README for what runs today")
-  if mode not in spec.modes:
-    modes = ", ".join(f"--mode={m}" for m in spec.modes)
+  if mode not in modes_of_kind:
+    modes = ", ".join(f"--mode={m}" for m in modes_of_kind)
     raise ConfigError(
         "--mode", mode,
         f"configs of kind {kind!r} support only {modes}" + (f" ({spec.why})" if spec.why else ""),
         fix=f"pass {modes.split(', ')[0]}, or a config of another kind")
-  for check in spec.checks:
+  job = jobs.table()[(kind, mode)]
+  for check in spec.checks + tuple(globals()[name] for name in job.checks):
     check(config, mode)

@@ -204,7 +204,7 @@ def test_cascade_configs_validate():
 def test_sampling_a_cascade_does_not_import_the_trainer():
   # Inference reads checkpoints (train.checkpointing, train.state for their structure) but
   # must not load the training loop, the train step or the training log.
-  code = ("import sys, imagen_jax.cascade, imagen_jax.cascade_job; "
+  code = ("import sys, imagen_jax.cascade, imagen_jax.jobs.sample_cascade; "
           "print(sorted(m for m in sys.modules if m.startswith('imagen_jax.train')))")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                         text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -175,9 +175,16 @@ def test_eval(cfg, key, value):
 
 
 def test_kinds_table():
-  # Every kind lists modes launch.py knows and at least one check.
-  for kind in config_checks.KINDS.values():
-    assert set(kind.modes) <= {"train", "sample", "eval", "precompute", "build_data"} and kind.checks
+  # Every kind has checks and at least one job; every job serves known kinds with a mode
+  # launch.py knows, and its extra checks are functions of config_checks.
+  from imagen_jax import jobs  # pylint: disable=g-import-not-at-top
+  for name, kind in config_checks.KINDS.items():
+    assert kind.checks and jobs.modes_of(name), name
+  for spec in jobs.specs():
+    assert set(spec.kinds) <= set(config_checks.KINDS), spec
+    assert spec.mode in {"train", "sample", "eval", "precompute", "build_data"}, spec
+    assert all(callable(getattr(config_checks, c, None)) for c in spec.checks), spec
+  assert jobs.table()[("base", "eval")].checks == ("check_stage_eval",)
 
 
 # Network configs (base64, sr256, sr1024) -------------------------------------------------

@@ -17,7 +17,9 @@ import stage_testing
 from imagen_jax import config_files
 from imagen_jax.data import datasets
 from imagen_jax.errors import UserError
-from imagen_jax.eval import alignment, eval_job, stage_eval_job
+from imagen_jax.eval import alignment
+from imagen_jax.jobs import eval_cascade as eval_job
+from imagen_jax.jobs import eval_stage as stage_eval_job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -175,3 +177,23 @@ def test_stage_eval_scores_each_checkpoint(setup):
   config.eval.steps = (15,)
   with pytest.raises(UserError, match=r"steps \[15\].*\[10, 20\]"):
     stage_eval_job.run(config, workdir)
+
+
+def test_text_metric_picks_an_evaluator_by_name(monkeypatch):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from imagen_jax.eval import evaluators  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(evaluators.EVALUATORS, "alignment", lambda ctx: "alignment scorer")
+  monkeypatch.setitem(evaluators.EVALUATORS, "clip_score", lambda ctx: "clip scorer")
+
+  def pick(text_metric, clip):
+    ec = ml_collections.ConfigDict(dict(text_metric=text_metric, clip=clip))
+    return evaluators.text_evaluator(evaluators.Context(
+        ec=ec, data_cfg=None, cache_dir="", train_feats=None, train_caps=[],
+        ref_feats=None, ref_caps=[]))
+
+  # "auto" keeps the old rule (CLIP score when CLIP weights are given); a name overrides it.
+  assert pick("auto", "") == "alignment scorer"
+  assert pick("auto", "/clip") == "clip scorer"
+  assert pick("alignment", "/clip") == "alignment scorer"
+  with pytest.raises(UserError, match="no such evaluator"):
+    pick("precision", "")

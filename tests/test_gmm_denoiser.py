@@ -1,4 +1,4 @@
-"""configs/gmm_denoiser.py and imagen_jax/testbed_train_job.py: the MLP learns the exact
+"""configs/gmm_denoiser.py and imagen_jax/jobs/testbed_train.py: the MLP learns the exact
 denoiser, the measurement is exact where it must be, and bad settings fail clearly."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen_jax import config_checks, config_files, testbed_job, testbed_train_job
+from imagen_jax import config_checks, config_files, testbed_eval
+from imagen_jax.jobs import testbed_train as testbed_train_job
 from imagen_jax.errors import UserError
 
 LEVELS = (-4.0, -1.0, 2.0, 5.0)
@@ -22,7 +23,7 @@ def _config(**train):
 
 @pytest.fixture(scope="module")
 def ring():
-  return testbed_job.build_mixture(_config().data)
+  return testbed_eval.build_mixture(_config().data)
 
 
 def test_exact_denoiser_has_zero_excess_and_the_bayes_error_falls_with_snr(ring):

@@ -126,7 +126,13 @@ def test_flag_errors(tmp_path, args, fragments):
 def test_jobs_cover_exactly_the_supported_modes(monkeypatch):
   monkeypatch.syspath_prepend(str(REPO))
   import launch as launch_module  # defines absl flags; nothing else here does
+  from imagen_jax import jobs  # pylint: disable=g-import-not-at-top
   from imagen_jax.config_checks import KINDS
-  supported = {(kind, mode) for kind, spec in KINDS.items() for mode in spec.modes}
+  supported = {(kind, mode) for kind in KINDS for mode in jobs.modes_of(kind)}
   assert set(launch_module.JOBS) == supported
   assert set(launch_module.MODES) == {"train", "sample", "eval", "precompute", "build_data"}
+  # Every job module exists and defines run(config, workdir).
+  import importlib  # pylint: disable=g-import-not-at-top
+  for target in launch_module.JOBS.values():
+    module, function = target.split(":")
+    assert callable(getattr(importlib.import_module(module), function)), target

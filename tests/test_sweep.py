@@ -109,7 +109,7 @@ def test_errors_name_the_problem(tmp_path):
 
 
 def _write_eval(workdir: pathlib.Path, fid: float, low: float, high: float) -> None:
-  """What stage_eval_job writes, reduced to the keys the image sweep collates."""
+  """What jobs/eval_stage.py writes, reduced to the keys the image sweep collates."""
   import json  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   (workdir / "eval" / "step_20" / "prompts").mkdir(parents=True)

@@ -29,7 +29,7 @@ import os
 from typing import Sequence
 
 from imagen_jax.errors import UserError
-from imagen_jax.text.tokenize import Tokens, _check_texts, _pack
+from imagen_jax.text.tokenize import Tokens, check_texts, pack
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CONTEXT = 77  # every OpenAI CLIP's text context
@@ -175,10 +175,10 @@ class CLIPTokenizer:
       raise ValueError(f"max_len={max_len} leaves no room for text; CLIP uses {CONTEXT}.")
     self.tok.enable_truncation(max_length=int(max_len))
     try:
-      encs = self.tok.encode_batch(_check_texts(texts))
+      encs = self.tok.encode_batch(check_texts(texts))
     finally:
       self.tok.no_truncation()
-    return _pack([e.ids for e in encs], int(max_len), self.pad_id)
+    return pack([e.ids for e in encs], int(max_len), self.pad_id)
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of one row of ids, specials and padding dropped (lowercased, spaces normalised)."""

@@ -35,7 +35,9 @@ class Tokenizer(Protocol):
   def __call__(self, texts: Sequence[str], max_len: int) -> Tokens: ...
 
 
-def _check_texts(texts: Sequence[str]) -> list[str]:
+def check_texts(texts: Sequence[str]) -> list[str]:
+  """A list of caption strings (TypeError naming the bad one); every tokenizer's input
+  check, the CLIP tokenizer's included."""
   if isinstance(texts, str):
     raise TypeError("Tokenizers take a list of captions, not one string; wrap it: [text].")
   texts = list(texts)
@@ -51,7 +53,8 @@ def _check_max_len(max_len: int, minimum: int) -> None:
                      "(Imagen used 128 T5 tokens).")
 
 
-def _pack(rows: list[list[int]], max_len: int, pad_id: int) -> Tokens:
+def pack(rows: list[list[int]], max_len: int, pad_id: int) -> Tokens:
+  """Token id rows -> Tokens [N, max_len] (ids padded with pad_id, mask True on tokens)."""
   ids = np.full((len(rows), max_len), pad_id, np.int32)
   mask = np.zeros((len(rows), max_len), bool)
   for i, row in enumerate(rows):
@@ -88,9 +91,9 @@ class SentencePieceTokenizer:
 
   def __call__(self, texts: Sequence[str], max_len: int) -> Tokens:
     _check_max_len(max_len, 2)
-    rows = self.sp.encode(_check_texts(texts))
+    rows = self.sp.encode(check_texts(texts))
     rows = [r[:max_len - 1] + [self.eos_id] for r in rows]
-    return _pack(rows, max_len, self.pad_id)
+    return pack(rows, max_len, self.pad_id)
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of one row of ids; PAD, EOS and sentinel ids are dropped."""
@@ -118,10 +121,10 @@ class HuggingFaceTokenizer:
     _check_max_len(max_len, 3)
     self.tok.enable_truncation(max_length=max_len)
     try:
-      encs = self.tok.encode_batch(_check_texts(texts))
+      encs = self.tok.encode_batch(check_texts(texts))
     finally:
       self.tok.no_truncation()
-    return _pack([e.ids for e in encs], max_len, self.pad_id)
+    return pack([e.ids for e in encs], max_len, self.pad_id)
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -138,8 +141,8 @@ class ByteTokenizer:
   def __call__(self, texts: Sequence[str], max_len: int) -> Tokens:
     _check_max_len(max_len, 2)
     rows = [[b + self.offset for b in t.encode("utf-8")][:max_len - 1] + [self.eos_id]
-            for t in _check_texts(texts)]
-    return _pack(rows, max_len, self.pad_id)
+            for t in check_texts(texts)]
+    return pack(rows, max_len, self.pad_id)
 
   def decode(self, ids: Sequence[int]) -> str:
     data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)

@@ -36,11 +36,17 @@ import numpy as np
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import sharding as sharding_lib
 from imagen_jax.errors import UserError
-from imagen_jax.eval import eval_job
+from imagen_jax.eval import evaluators
 from imagen_jax.eval import fid as fid_lib
 from imagen_jax.eval import kid as kid_lib
+from imagen_jax.eval import references
 from imagen_jax.train import checkpointing
 from imagen_jax.train import plots
+
+
+MODE = "eval"
+KINDS = ("base",)
+CHECKS = ("check_stage_eval",)
 
 
 def checkpoint_steps(workdir: str, wanted: Any) -> list[int]:
@@ -96,22 +102,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   inception = ec.inception or None
   began = time.perf_counter()
-  ref_feats, ref_caps = eval_job.split_features(
+  ref_feats, ref_caps = references.split_features(
       data_cfg, data_cfg.eval_split, ec.reference_limit, cache_dir, inception=inception,
       batch_size=ec.batch_size)
-  train_feats, train_caps = eval_job.split_features(
+  train_feats, train_caps = references.split_features(
       data_cfg, data_cfg.train_split, ec.alignment.train_limit, cache_dir,
       inception=inception, batch_size=ec.batch_size)
   floor = fid_lib.feature_distance(train_feats, ref_feats)
-  if ec.clip:
-    scorer = eval_job.ClipScorer(ec.clip)
-  else:
-    scorer = eval_job.AlignmentScorer(ec, data_cfg, cache_dir, train_feats, train_caps,
-                                      ref_caps)
+  scorer = evaluators.text_evaluator(evaluators.Context(
+      ec=ec, data_cfg=data_cfg, cache_dir=cache_dir, train_feats=train_feats,
+      train_caps=train_caps, ref_feats=ref_feats, ref_caps=ref_caps))
   print(f"reference: {len(ref_feats)} held-out images, FID(train, held-out) = {floor:.2f} "
         f"({time.perf_counter() - began:.0f} s)")
 
-  prompts = eval_job.eval_prompts(ref_caps, int(ec.num_images), int(ec.seed))
+  prompts = references.eval_prompts(ref_caps, int(ec.num_images), int(ec.seed))
   grid_prompts = [str(p) for p in ec.prompts]
   settings = [cascade_lib.StageSettings(guidance=float(ec.guidance))]
   mesh = sharding_lib.mesh_from_config(config.mesh)

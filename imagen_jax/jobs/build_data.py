@@ -21,6 +21,10 @@ import ml_collections
 from imagen_jax.data import datasets
 
 
+MODE = "build_data"
+KINDS = ("base", "sr")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   builder = datasets.make_builder(config.data)

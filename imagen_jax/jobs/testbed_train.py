@@ -37,10 +37,14 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from imagen_jax import testbed_job
+from imagen_jax import testbed_eval
 from imagen_jax.diffusion import objectives, samplers, schedules
 from imagen_jax.errors import UserError
 from imagen_jax.models.mlp import MLPDenoiser
+
+
+MODE = "train"
+KINDS = ("gmm_denoiser",)
 
 
 def build_objective(config: ml_collections.ConfigDict):
@@ -135,7 +139,7 @@ def excess_mse(denoise, gmm, levels, n: int, key) -> tuple[np.ndarray, np.ndarra
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains, measures, writes the outputs to `workdir`; returns the metrics."""
   os.makedirs(workdir, exist_ok=True)
-  gmm = testbed_job.build_mixture(config.data)
+  gmm = testbed_eval.build_mixture(config.data)
   start = time.perf_counter()
   graphdef, params, curve = train(config, gmm)
   train_s = time.perf_counter() - start
@@ -148,14 +152,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   excess, bayes = excess_mse(denoise, gmm, levels, ec.num_samples, mse_key)
 
   sample_schedule = schedules.from_config(sc)
-  options = testbed_job.sampler_options(sc)
+  options = testbed_eval.sampler_options(sc)
   start = time.perf_counter()
   out = jax.jit(lambda key: samplers.sample(
       denoise, sample_schedule, key, (ec.num_samples, gmm.dim), method=sc.method,
       steps=sc.steps, grid=sc.grid, rho=sc.rho, **options))(sample_key)
   x = jax.block_until_ready(out.x)
   sample_s = time.perf_counter() - start
-  measured = testbed_job.measure(gmm, x, data_key, data2_key, proj_key,
+  measured = testbed_eval.measure(gmm, x, data_key, data2_key, proj_key,
                                   ec.num_projections)
   data = measured.pop("data")
   d = config.diffusion
@@ -180,11 +184,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        "sliced_w2": metrics["sliced_w2"],
                        "schedule": f"trained {d.schedule}/{d.target}/{d.weighting}",
                        "num_samples": ec.num_samples}
-    testbed_job.scatter_plot(np.asarray(data), np.asarray(x), scatter_metrics,
+    testbed_eval.scatter_plot(np.asarray(data), np.asarray(x), scatter_metrics,
                          os.path.join(workdir, "scatter.png"))
   path = os.path.join(workdir, "metrics.json")
   with open(path + ".tmp", "w") as f:
-    json.dump(testbed_job.finite_json(metrics), f, indent=2, allow_nan=False)
+    json.dump(testbed_eval.finite_json(metrics), f, indent=2, allow_nan=False)
     f.write("\n")
   os.replace(path + ".tmp", path)  # last, atomically: its presence marks a finished run
 

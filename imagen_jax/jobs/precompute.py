@@ -22,6 +22,10 @@ from imagen_jax.data import datasets
 from imagen_jax.text import cache
 
 
+MODE = "precompute"
+KINDS = ("base", "sr")
+
+
 def read_captions(path: str) -> list[str]:
   """One caption per line (blank lines skipped)."""
   if not os.path.isfile(path):

@@ -43,116 +43,19 @@ import time
 from typing import Any, Sequence
 
 import ml_collections
-import numpy as np
 
 from imagen_jax import cascade as cascade_lib
-from imagen_jax import cascade_job
-from imagen_jax.data import datasets
-from imagen_jax.errors import UserError
-from imagen_jax.eval import alignment as align_lib
+from imagen_jax.eval import evaluators
 from imagen_jax.eval import fid as fid_lib
+from imagen_jax.eval import references
 
 # The forms of an augmentation level a row records (cascade settings keys aug_<form>).
 AUG_FORMS = ("t", "logsnr", "sigma")
 
 
-def _text(value: Any) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _pick(n: int, limit: int) -> np.ndarray:
-  """`limit` indices spread evenly over [0, n) (all when limit is 0 or >= n)."""
-  if not limit or limit >= n:
-    return np.arange(n)
-  return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
-
-
-def split_features(data_cfg: Any, split: str, limit: int, cache_dir: str, *,
-                   inception: str | None, batch_size: int) -> tuple[np.ndarray, list[str]]:
-  """Inception pool3 features and captions of (up to `limit` of) a built split, cached in
-  cache_dir under a key of the dataset, split, resolution, limit and weights."""
-  source = datasets.data_source(data_cfg, split)
-  idx = _pick(len(source), int(limit))
-  key = align_lib.cache_key(kind="features", dataset=data_cfg.dataset,
-                            data_dir=datasets.data_dir(data_cfg), split=split,
-                            resolution=int(data_cfg.resolution), limit=int(limit),
-                            records=len(source), dataset_limit=data_cfg.get("limit", 0),
-                            inception=inception or "default")
-  path = os.path.join(cache_dir, f"features-{split}-{key}.npz")
-  if os.path.isfile(path):
-    with np.load(path) as z:
-      return z["features"], [str(c) for c in z["captions"]]
-  images = np.stack([np.asarray(source[int(i)]["image"]) for i in idx])
-  captions = [_text(source[int(i)]["caption"]) for i in idx]
-  print(f"Inception features of {len(idx)} {split} images ({images.shape[1]}px) -> {path}")
-  feats = fid_lib.inception_features(images, batch_size=batch_size, weights=inception or None)
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, features=feats, captions=np.asarray(captions))
-  os.replace(tmp, path)
-  return feats, captions
-
-
-def eval_prompts(captions: Sequence[str], n: int, seed: int) -> list[str]:
-  """n held-out captions: a seeded permutation, repeated when n exceeds the split."""
-  order = np.random.default_rng(seed).permutation(len(captions))
-  return [captions[order[i % len(order)]] for i in range(n)]
-
-
-class AlignmentScorer:
-  """The offline score: a contrastive model over Inception + MiniLM features."""
-
-  name = "alignment"
-
-  def __init__(self, ec, data_cfg, cache_dir: str, train_feats, train_caps, ref_caps):
-    ac = ec.alignment
-    self.candidates, self.seed = int(ac.candidates), int(ac.seed)
-    self._text_cache: dict[str, np.ndarray] = {}
-    key = align_lib.cache_key(kind="alignment", dataset=data_cfg.dataset,
-                              resolution=int(data_cfg.resolution),
-                              train=[len(train_caps), train_caps[:3]],
-                              settings=ac.to_dict(), inception=ec.inception or "default")
-    path = os.path.join(cache_dir, f"alignment-{key}.npz")
-    if os.path.isfile(path):
-      self.model = align_lib.AlignmentModel.load(path)
-    else:
-      self.model = align_lib.train(
-          train_feats, self.text(train_caps), dim=int(ac.dim), steps=int(ac.steps),
-          batch_size=int(ac.batch_size), lr=float(ac.lr),
-          weight_decay=float(ac.weight_decay), seed=int(ac.seed),
-          meta={"dataset": data_cfg.dataset, "resolution": int(data_cfg.resolution)})
-      self.model.save(path)
-    self.path = path
-    self.pool_caps = list(ref_caps)
-    self.pool_feats = self.text(self.pool_caps)
-
-  def text(self, captions: Sequence[str]) -> np.ndarray:
-    missing = sorted({c for c in captions if c not in self._text_cache})
-    if missing:
-      for c, f in zip(missing, align_lib.text_features(missing)):
-        self._text_cache[c] = f
-    return np.stack([self._text_cache[c] for c in captions])
-
-  def score(self, image_feats: np.ndarray, images: np.ndarray, prompts: Sequence[str]
-            ) -> dict[str, float]:
-    del images
-    return align_lib.summary(self.model, image_feats, self.text(prompts), list(prompts),
-                             candidates=self.candidates, seed=self.seed,
-                             pool_text_features=self.pool_feats, pool_captions=self.pool_caps)
-
-
-class ClipScorer:
-  """CLIP score (torchmetrics' definition) with user-supplied CLIP weights."""
-
-  name = "clip_score"
-
-  def __init__(self, path: str):
-    from imagen_jax.eval import clip_score  # pylint: disable=g-import-not-at-top
-    self.scorer = clip_score.ClipScorer.from_spec(path)
-
-  def score(self, image_feats, images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
-    del image_feats
-    return {"clip_score": float(self.scorer.score(images, list(prompts)))}
+MODE = "eval"
+KINDS = ("cascade",)
+CHECKS = ("check_cascade_eval",)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -161,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   cache_dir = ec.cache_dir or os.path.join(workdir, "cache")
   fid_stage = int(ec.fid_stage)
   n_load = len(config.stages) if ec.cascade_samples else fid_stage + 1
-  cascade = cascade_job.cascade_from_config(config, n_load)
+  cascade = cascade_lib.cascade_from_config(config, n_load)
   stage = cascade.stages[fid_stage]
   data_cfg = ml_collections.ConfigDict(stage.config.data.to_dict())
   if ec.data_dir:
@@ -170,31 +73,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   timings: dict[str, float] = {}
 
   began = time.perf_counter()
-  ref_feats, ref_caps = split_features(data_cfg, data_cfg.eval_split, ec.reference_limit,
-                                       cache_dir, inception=inception,
-                                       batch_size=ec.batch_size)
-  train_feats, train_caps = split_features(data_cfg, data_cfg.train_split,
-                                           ec.alignment.train_limit, cache_dir,
-                                           inception=inception, batch_size=ec.batch_size)
+  ref_feats, ref_caps = references.split_features(
+      data_cfg, data_cfg.eval_split, ec.reference_limit, cache_dir, inception=inception,
+      batch_size=ec.batch_size)
+  train_feats, train_caps = references.split_features(
+      data_cfg, data_cfg.train_split, ec.alignment.train_limit, cache_dir,
+      inception=inception, batch_size=ec.batch_size)
   timings["real_features_s"] = time.perf_counter() - began
   floor = fid_lib.feature_distance(train_feats, ref_feats)
 
   began = time.perf_counter()
-  if ec.clip:
-    scorer = ClipScorer(ec.clip)
-    ceiling = scorer.score(None, _real_images(data_cfg, data_cfg.eval_split,
-                                              ec.reference_limit), ref_caps)
-  else:
-    scorer = AlignmentScorer(ec, data_cfg, cache_dir, train_feats, train_caps, ref_caps)
-    ceiling = scorer.score(ref_feats, None, ref_caps)
+  context = evaluators.Context(ec=ec, data_cfg=data_cfg, cache_dir=cache_dir,
+                               train_feats=train_feats, train_caps=train_caps,
+                               ref_feats=ref_feats, ref_caps=ref_caps)
+  scorer = evaluators.text_evaluator(context)
+  ceiling = scorer.ceiling(context)
   timings["scorer_s"] = time.perf_counter() - began
   metric = scorer.name
   print(f"reference: FID(train, held-out) = {floor:.2f} over {len(train_feats)} / "
         f"{len(ref_feats)} images; real held-out pairs: " +
         ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items()))
 
-  prompts = eval_prompts(ref_caps, int(ec.num_images), int(ec.seed))
-  base_settings = cascade_job.stage_settings(config, fid_stage + 1)
+  prompts = references.eval_prompts(ref_caps, int(ec.num_images), int(ec.seed))
+  base_settings = cascade_lib.stage_settings(config, fid_stage + 1)
   aug_kind = ec.get("aug_level_kind", "t")
   aug_levels = [float(v) for v in ec.get("aug_levels", ())]
   rows = []
@@ -229,9 +130,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   cascade_out = None
   if ec.cascade_samples:
     began = time.perf_counter()
-    cascade_out = cascade.generate(cascade_job.read_prompts(config.sample),
+    cascade_out = cascade.generate(cascade_lib.read_prompts(config.sample),
                                    seed=int(config.sample.seed),
-                                   settings=cascade_job.stage_settings(config, n_load),
+                                   settings=cascade_lib.stage_settings(config, n_load),
                                    batch_size=int(config.sample.batch_size),
                                    out_dir=os.path.join(workdir, "cascade"))
     timings["cascade_samples_s"] = time.perf_counter() - began
@@ -272,11 +173,6 @@ def sweep_settings(base: Sequence[cascade_lib.StageSettings | None], weight: flo
     level[f"aug_{aug_kind}"] = float(aug_level)
     out[1:] = [dataclasses.replace(s, **level) for s in out[1:]]
   return out
-
-
-def _real_images(data_cfg, split: str, limit: int) -> np.ndarray:
-  source = datasets.data_source(data_cfg, split)
-  return np.stack([np.asarray(source[int(i)]["image"]) for i in _pick(len(source), limit)])
 
 
 # -- outputs -------------------------------------------------------------------------------

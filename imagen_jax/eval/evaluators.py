@@ -1,0 +1,132 @@
+"""Text-image evaluators, chosen by name (`eval.text_metric`), big_vision's `type=` style.
+
+An evaluator scores samples against the prompts they were drawn from, and the real
+held-out pairs (its ceiling). Each takes one `Context` (what the evaluation already has:
+the eval config section, the stage's data config, the cache folder, Inception features
+and captions of the train and held-out splits) and implements
+
+  name                                  the metric's key in results
+  score(features, images, prompts)      {name: value, ...} for generated samples
+  ceiling(context)                      the same on the real held-out pairs
+
+A new metric registers a factory in EVALUATORS; the eval jobs never name one. "auto"
+(the default) keeps the historical choice: CLIP score when eval.clip names CLIP weights,
+else the offline alignment score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from imagen_jax.errors import UserError
+from imagen_jax.eval import alignment as align_lib
+from imagen_jax.eval import references
+
+
+@dataclasses.dataclass
+class Context:
+  ec: Any                    # the config's eval section
+  data_cfg: Any              # the stage's data section (its held-out split, resolution)
+  cache_dir: str
+  train_feats: np.ndarray
+  train_caps: list[str]
+  ref_feats: np.ndarray
+  ref_caps: list[str]
+
+
+class Evaluator(Protocol):
+  name: str
+
+  def score(self, features: np.ndarray | None, images: np.ndarray | None,
+            prompts: Sequence[str]) -> dict[str, float]: ...
+
+  def ceiling(self, ctx: Context) -> dict[str, float]: ...
+
+
+class AlignmentScorer:
+  """The offline score: a contrastive model over Inception + MiniLM features, trained on
+  the train split (imagen_jax/eval/alignment.py); not CLIP score."""
+
+  name = "alignment"
+
+  def __init__(self, ctx: Context):
+    ac, data_cfg = ctx.ec.alignment, ctx.data_cfg
+    self.candidates, self.seed = int(ac.candidates), int(ac.seed)
+    self._text_cache: dict[str, np.ndarray] = {}
+    key = align_lib.cache_key(kind="alignment", dataset=data_cfg.dataset,
+                              resolution=int(data_cfg.resolution),
+                              train=[len(ctx.train_caps), ctx.train_caps[:3]],
+                              settings=ac.to_dict(), inception=ctx.ec.inception or "default")
+    path = os.path.join(ctx.cache_dir, f"alignment-{key}.npz")
+    if os.path.isfile(path):
+      self.model = align_lib.AlignmentModel.load(path)
+    else:
+      self.model = align_lib.train(
+          ctx.train_feats, self.text(ctx.train_caps), dim=int(ac.dim), steps=int(ac.steps),
+          batch_size=int(ac.batch_size), lr=float(ac.lr),
+          weight_decay=float(ac.weight_decay), seed=int(ac.seed),
+          meta={"dataset": data_cfg.dataset, "resolution": int(data_cfg.resolution)})
+      self.model.save(path)
+    self.path = path
+    self.pool_caps = list(ctx.ref_caps)
+    self.pool_feats = self.text(self.pool_caps)
+
+  def text(self, captions: Sequence[str]) -> np.ndarray:
+    missing = sorted({c for c in captions if c not in self._text_cache})
+    if missing:
+      for c, f in zip(missing, align_lib.text_features(missing)):
+        self._text_cache[c] = f
+    return np.stack([self._text_cache[c] for c in captions])
+
+  def score(self, features, images, prompts: Sequence[str]) -> dict[str, float]:
+    del images
+    return align_lib.summary(self.model, features, self.text(prompts), list(prompts),
+                             candidates=self.candidates, seed=self.seed,
+                             pool_text_features=self.pool_feats, pool_captions=self.pool_caps)
+
+  def ceiling(self, ctx: Context) -> dict[str, float]:
+    return self.score(ctx.ref_feats, None, ctx.ref_caps)
+
+
+class ClipScorer:
+  """CLIP score (torchmetrics' definition) with user-supplied CLIP weights (eval.clip)."""
+
+  name = "clip_score"
+
+  def __init__(self, ctx: Context):
+    from imagen_jax.eval import clip_score  # pylint: disable=g-import-not-at-top
+    if not ctx.ec.clip:
+      raise UserError("eval.text_metric='clip_score' needs CLIP weights. Fix: pass "
+                       "--config.eval.clip=/path/to/clip (a Hugging Face CLIP directory).")
+    self.scorer = clip_score.ClipScorer.from_spec(ctx.ec.clip)
+
+  def score(self, features, images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
+    del features
+    return {"clip_score": float(self.scorer.score(images, list(prompts)))}
+
+  def ceiling(self, ctx: Context) -> dict[str, float]:
+    images = references.real_images(ctx.data_cfg, ctx.data_cfg.eval_split,
+                                    ctx.ec.reference_limit)
+    return self.score(None, images, ctx.ref_caps)
+
+
+EVALUATORS: dict[str, Callable[[Context], Evaluator]] = {
+    "alignment": AlignmentScorer,
+    "clip_score": ClipScorer,
+}
+CHOICES = ("auto", *EVALUATORS)
+
+
+def text_evaluator(ctx: Context) -> Evaluator:
+  """The evaluator eval.text_metric names ("auto": clip_score with eval.clip, else
+  alignment)."""
+  name = ctx.ec.get("text_metric", "auto")
+  if name == "auto":
+    name = "clip_score" if ctx.ec.clip else "alignment"
+  if name not in EVALUATORS:
+    raise UserError(f"eval.text_metric={name!r}: no such evaluator; choose one of {CHOICES}.")
+  return EVALUATORS[name](ctx)
