@@ -32,19 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ARMS: dict[str, dict[str, Any]] = {
-    "imagen": {"diffusion.schedule": "cosine", "diffusion.target": "eps",
-               "diffusion.weighting": "eps"},
-    "v": {"diffusion.schedule": "cosine", "diffusion.target": "v", "diffusion.weighting": "v"},
-    "shifted_cosine": {"diffusion.schedule": "shifted_cosine",
-                       "diffusion.target": "eps", "diffusion.weighting": "eps"},
-    "edm": {"diffusion.schedule": "lognormal", "diffusion.target": "v",
-            "diffusion.weighting": "edm"},
-    "min_snr5": {"diffusion.schedule": "cosine", "diffusion.target": "eps",
-                 "diffusion.weighting": "min_snr", "diffusion.weighting_kw": {"gamma": 5.0}},
-    "sigmoid": {"diffusion.schedule": "cosine", "diffusion.target": "eps",
-                "diffusion.weighting": "sigmoid"},
-}
+import schedule_arms  # experiments/, on sys.path when sweep.py loads a sweep
 
 VARIANTS = ("cpu", "quick", "pod")
 
@@ -55,9 +43,8 @@ def get_sweep(variant: str | None = None) -> dict[str, Any]:
     raise ValueError(f"Unknown variant {variant!r} of experiments/emoji_schedules.py; "
                      f"choose one of {VARIANTS}.")
   resolution = 64 if variant == "pod" else 32
-  arms = {name: dict(over) for name, over in ARMS.items()}
-  arms["shifted_cosine"]["diffusion.schedule_kw"] = {"resolution": 2 * resolution,
-                                                     "base_resolution": resolution}
+  arms = schedule_arms.arms(resolution, ("imagen", "v", "shifted_cosine", "edm", "min_snr5",
+                                          "sigmoid"))
   common: dict[str, Any] = {
       # One cache of reference features and alignment model for every arm.
       "eval.cache_dir": "{root}/eval_cache",

@@ -27,23 +27,9 @@ from __future__ import annotations
 
 from typing import Any
 
-ARMS: dict[str, dict[str, Any]] = {
-    "imagen": {"diffusion.schedule": "cosine", "diffusion.target": "eps",
-               "diffusion.weighting": "eps"},
-    "v": {"diffusion.schedule": "cosine", "diffusion.target": "v", "diffusion.weighting": "v"},
-    "shifted_cosine": {"diffusion.schedule": "shifted_cosine",
-                       "diffusion.schedule_kw": {"resolution": 128, "base_resolution": 64},
-                       "diffusion.target": "eps", "diffusion.weighting": "eps"},
-    "edm": {"diffusion.schedule": "lognormal", "diffusion.target": "v",
-            "diffusion.weighting": "edm"},
-    "min_snr5": {"diffusion.schedule": "cosine", "diffusion.target": "eps",
-                 "diffusion.weighting": "min_snr", "diffusion.weighting_kw": {"gamma": 5.0}},
-    "sigmoid": {"diffusion.schedule": "cosine", "diffusion.target": "eps",
-                "diffusion.weighting": "sigmoid"},
-    "sigmoid_laplace": {"diffusion.schedule": "laplace",
-                        "diffusion.schedule_kw": {"mu": 0.0, "b": 1.0},
-                        "diffusion.target": "eps", "diffusion.weighting": "sigmoid"},
-}
+import schedule_arms  # experiments/, on sys.path when sweep.py loads a sweep
+
+ARMS = schedule_arms.arms(64)
 
 
 def get_sweep(variant: str | None = None) -> dict[str, Any]:

@@ -90,6 +90,10 @@ def load_sweep(spec: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise SweepError(f"{spec}: no such sweep file {path!r} (paths are relative to "
                      f"{os.getcwd()}); the sweeps are experiments/*.py.")
+  # A sweep file may import its neighbours (experiments/schedule_arms.py).
+  folder = os.path.dirname(os.path.abspath(path))
+  if folder not in sys.path:
+    sys.path.insert(0, folder)
   module_spec = importlib.util.spec_from_file_location("_sweep", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

@@ -50,6 +50,7 @@ def test_eval_writes_the_sweep(setup):
   assert [r["guidance"] for r in rows] == [1.0, 3.0]
   for r in rows:
     assert np.isfinite(r["fid"]) and r["fid"] > 0
+    assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
     assert 0.0 <= r["alignment"] <= 100.0 and 0.0 <= r["r_precision"] <= 1.0
     assert r["num_images"] == 8
     assert os.path.isfile(os.path.join(workdir, r["grid"]))
@@ -162,6 +163,7 @@ def test_stage_eval_scores_each_checkpoint(setup):
   for r in rows:
     assert np.isfinite(r["fid"]) and r["fid_low"] < r["fid_high"]
     assert r["kid_low"] < r["kid"] < r["kid_high"]
+    assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
     assert 0.0 <= r["alignment"] <= 100.0 and r["num_images"] == 8
     assert os.path.isfile(os.path.join(workdir, "eval", r["grid"]))
   # Different weights give different samples, so different scores; the top level is the

@@ -38,6 +38,21 @@ class Context:
   ref_caps: list[str]
 
 
+def load_context(ec: Any, data_cfg: Any, cache_dir: str) -> Context:
+  """The Context of an evaluation: Inception features and captions of the held-out split
+  (eval.reference_limit of it) and of the train split (eval.alignment.train_limit), read
+  from cache_dir when there (imagen_jax/eval/references.py)."""
+  inception = ec.inception or None
+  ref_feats, ref_caps = references.split_features(
+      data_cfg, data_cfg.eval_split, ec.reference_limit, cache_dir, inception=inception,
+      batch_size=ec.batch_size)
+  train_feats, train_caps = references.split_features(
+      data_cfg, data_cfg.train_split, ec.alignment.train_limit, cache_dir,
+      inception=inception, batch_size=ec.batch_size)
+  return Context(ec=ec, data_cfg=data_cfg, cache_dir=cache_dir, train_feats=train_feats,
+                 train_caps=train_caps, ref_feats=ref_feats, ref_caps=ref_caps)
+
+
 class Evaluator(Protocol):
   name: str
 

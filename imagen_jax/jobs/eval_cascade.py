@@ -47,6 +47,7 @@ import ml_collections
 from imagen_jax import cascade as cascade_lib
 from imagen_jax.eval import evaluators
 from imagen_jax.eval import fid as fid_lib
+from imagen_jax.eval import precision_recall as pr_lib
 from imagen_jax.eval import references
 
 # The forms of an augmentation level a row records (cascade settings keys aug_<form>).
@@ -73,19 +74,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   timings: dict[str, float] = {}
 
   began = time.perf_counter()
-  ref_feats, ref_caps = references.split_features(
-      data_cfg, data_cfg.eval_split, ec.reference_limit, cache_dir, inception=inception,
-      batch_size=ec.batch_size)
-  train_feats, train_caps = references.split_features(
-      data_cfg, data_cfg.train_split, ec.alignment.train_limit, cache_dir,
-      inception=inception, batch_size=ec.batch_size)
+  context = evaluators.load_context(ec, data_cfg, cache_dir)
+  ref_feats, ref_caps = context.ref_feats, context.ref_caps
+  train_feats = context.train_feats
   timings["real_features_s"] = time.perf_counter() - began
   floor = fid_lib.feature_distance(train_feats, ref_feats)
 
   began = time.perf_counter()
-  context = evaluators.Context(ec=ec, data_cfg=data_cfg, cache_dir=cache_dir,
-                               train_feats=train_feats, train_caps=train_caps,
-                               ref_feats=ref_feats, ref_caps=ref_caps)
   scorer = evaluators.text_evaluator(context)
   ceiling = scorer.ceiling(context)
   timings["scorer_s"] = time.perf_counter() - began
@@ -119,7 +114,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  aug_stages=[dict(stage=k, **{f: stages_rec[k][f"aug_{f}"] for f in AUG_FORMS})
                              for k in range(1, fid_stage + 1)])
       label += f", aug {aug_kind}={level:g}"
-    row.update({"fid": fid_lib.feature_distance(feats, ref_feats),
+    precision, recall = pr_lib.precision_recall(ref_feats, feats)
+    row.update({"fid": fid_lib.feature_distance(feats, ref_feats), "precision": precision,
+                "recall": recall,
                 **scorer.score(feats, images, prompts), "num_images": len(images),
                 "sample_s": sample_s, "grid": os.path.relpath(
                     os.path.join(out_dir, f"grid_{images.shape[1]}px.png"), workdir)})
@@ -180,7 +177,7 @@ def sweep_settings(base: Sequence[cascade_lib.StageSettings | None], weight: flo
 def write_results(result: dict[str, Any], workdir: str) -> None:
   rows, metric = result["rows"], result["metric"]
   aug = [f"aug_{f}" for f in AUG_FORMS] if result.get("aug_sweep") else []
-  cols = ["guidance"] + aug + ["fid", metric] + (
+  cols = ["guidance"] + aug + ["fid", "precision", "recall", metric] + (
       ["r_precision"] if metric == "alignment" else []) + ["num_images", "sample_s"]
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
     w = csv.writer(f)

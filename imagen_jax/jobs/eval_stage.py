@@ -12,6 +12,7 @@ with the stage's sampler, and scored against eval.reference_limit held-out image
   FID     with a 95% percentile-bootstrap interval over the samples (eval.bootstrap
           resamples; imagen_jax.eval.kid.fid_interval)
   KID     mean and std over eval.kid_subsets subsets (unbiased in N, unlike FID)
+  precision / recall  (Kynkäänniemi et al., k = 3) from the same Inception features
   alignment score and R-precision of the offline alignment model (or CLIP score when
           eval.clip names CLIP weights), as the cascade's eval job computes them
 
@@ -39,6 +40,7 @@ from imagen_jax.errors import UserError
 from imagen_jax.eval import evaluators
 from imagen_jax.eval import fid as fid_lib
 from imagen_jax.eval import kid as kid_lib
+from imagen_jax.eval import precision_recall as pr_lib
 from imagen_jax.eval import references
 from imagen_jax.train import checkpointing
 from imagen_jax.train import plots
@@ -102,16 +104,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   inception = ec.inception or None
   began = time.perf_counter()
-  ref_feats, ref_caps = references.split_features(
-      data_cfg, data_cfg.eval_split, ec.reference_limit, cache_dir, inception=inception,
-      batch_size=ec.batch_size)
-  train_feats, train_caps = references.split_features(
-      data_cfg, data_cfg.train_split, ec.alignment.train_limit, cache_dir,
-      inception=inception, batch_size=ec.batch_size)
+  context = evaluators.load_context(ec, data_cfg, cache_dir)
+  ref_feats, ref_caps = context.ref_feats, context.ref_caps
+  train_feats = context.train_feats
   floor = fid_lib.feature_distance(train_feats, ref_feats)
-  scorer = evaluators.text_evaluator(evaluators.Context(
-      ec=ec, data_cfg=data_cfg, cache_dir=cache_dir, train_feats=train_feats,
-      train_caps=train_caps, ref_feats=ref_feats, ref_caps=ref_caps))
+  scorer = evaluators.text_evaluator(context)
   print(f"reference: {len(ref_feats)} held-out images, FID(train, held-out) = {floor:.2f} "
         f"({time.perf_counter() - began:.0f} s)")
 
@@ -143,11 +140,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                           seed=int(ec.seed))
     kid, kid_std = kid_lib.kid(feats, ref_feats, subsets=int(ec.kid_subsets),
                                subset_size=int(ec.kid_subset_size), seed=int(ec.seed))
+    precision, recall = pr_lib.precision_recall(ref_feats, feats)
     res = grid.images[0].shape[1]
     # KID's interval is conservative: +-1.96 std of one subset's estimate, wider than the
     # std of their mean (the subsets overlap, so the mean's own std is not known exactly).
     row = {"step": int(step), "fid": fid, "fid_low": low, "fid_high": high, "kid": kid,
-           "kid_std": kid_std, "kid_low": kid - 1.96 * kid_std, "kid_high": kid + 1.96 * kid_std, **scorer.score(feats, images, prompts),
+           "kid_std": kid_std, "kid_low": kid - 1.96 * kid_std, "kid_high": kid + 1.96 * kid_std,
+           "precision": precision, "recall": recall, **scorer.score(feats, images, prompts),
            "num_images": len(images), "sample_s": sample_s,
            "grid": os.path.join(f"step_{step}", "prompts", f"grid_{res}px.png"),
            "samples_grid": os.path.join(f"step_{step}", f"grid_{res}px.png")}
@@ -168,7 +167,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "loss_by_logsnr": loss_by_logsnr(workdir),
       # The last step's figures, for the sweep's table.
       **{k: last[k] for k in ("step", "fid", "fid_low", "fid_high", "kid", "kid_std",
-                              "kid_low", "kid_high", scorer.name, "grid")},
+                              "kid_low", "kid_high", "precision", "recall", scorer.name,
+                              "grid")},
       "backend": jax.default_backend(), "seconds": time.perf_counter() - began,
   }
   if "r_precision" in last:
@@ -185,10 +185,12 @@ def write_results(result: dict[str, Any], out_root: str) -> None:
            f"{result['num_images']} samples per step at guidance {result['guidance']:g} "
            f"({result['weights']} weights) against {result['reference_images']} held-out "
            f"images; FID(train, held-out) = {result['fid_floor']:.2f}.", "",
-           f"| step | FID [95% bootstrap] | KID ± std | {metric} |", "|---:|---:|---:|---:|"]
+           f"| step | FID [95% bootstrap] | KID ± std | precision | recall | {metric} |",
+           "|---:|---:|---:|---:|---:|---:|"]
   for r in result["rows"]:
     lines.append(f"| {r['step']} | {r['fid']:.1f} [{r['fid_low']:.1f}, {r['fid_high']:.1f}] "
-                 f"| {r['kid']:.4f} ± {r['kid_std']:.4f} | {r[metric]:.3f} |")
+                 f"| {r['kid']:.4f} ± {r['kid_std']:.4f} | {r['precision']:.3f} "
+                 f"| {r['recall']:.3f} | {r[metric]:.3f} |")
   lines += ["", "![fid_vs_step.png](fid_vs_step.png)", ""]
   for r in result["rows"]:
     lines += [f"Step {r['step']}:", "", f"![{r['grid']}]({r['grid']})", ""]
