@@ -143,7 +143,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.ckpt.update(every=250, keep=1000, async_save=False)
     c.log.update(every=25, sample_every=500)
     c.diffusion.sampler.update(steps=20)
-    c.eval.update(steps=(250, 500, 1000), num_images=200, batch_size=100, reference_limit=0,
+    c.eval.update(steps=(500, 1000), num_images=200, batch_size=100, reference_limit=0,
                   alignment=dict(train_limit=2000, dim=128, steps=600, batch_size=256,
                                  lr=1e-3, weight_decay=1e-4, candidates=100, seed=0))
   elif variant in ("500m", "2b"):
