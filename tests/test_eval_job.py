@@ -161,7 +161,7 @@ def test_stage_eval_scores_each_checkpoint(setup):
   rows = result["rows"]
   assert [r["step"] for r in rows] == [10, 20] == result["steps"]
   for r in rows:
-    assert np.isfinite(r["fid"]) and r["fid_low"] < r["fid_high"]
+    assert np.isfinite(r["fid"]) and r["fid_low"] < r["fid"] < r["fid_high"]
     assert r["kid_low"] < r["kid"] < r["kid_high"]
     assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
     assert 0.0 <= r["alignment"] <= 100.0 and r["num_images"] == 8
@@ -172,8 +172,14 @@ def test_stage_eval_scores_each_checkpoint(setup):
   assert result["fid"] == rows[1]["fid"] and result["step"] == 20
   assert result["loss_by_logsnr"] == {"step": 20, "buckets": ["-5_0", "5_10"],
                                       "loss": [2.0, 0.5]}
-  for name in ("results.json", "results.md", "fid_vs_step.png"):
+  for name in ("results.json", "results.md", "fid_vs_step.png", "step_10/features.npz"):
     assert os.path.isfile(os.path.join(workdir, "eval", name)), name
+
+  # Run again: the samples on disk are reused (same captions, seed, guidance, step), so the
+  # scores are the same without sampling.
+  again = stage_eval_job.run(config, workdir)
+  assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in rows]
+  assert all(r["sample_s"] < 5.0 for r in again["rows"])
 
   # Asking for a step the run did not keep names the steps it has.
   config.eval.steps = (15,)

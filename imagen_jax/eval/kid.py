@@ -7,10 +7,13 @@ torchmetrics' definition). Unlike FID it has no bias in N, so arms scored at a f
 hundred samples compare on the same footing. It is written here (a dozen lines of
 numpy) because the libraries that ship it (torchmetrics, clean-fid) need torch.
 
-`fid_interval` puts a percentile bootstrap around FID: the generated samples are
-resampled with replacement and FID recomputed against the fixed reference features. It
-measures how much FID moves with the draw of N samples (the reference set is held
-fixed, so its own sampling noise is not in the interval).
+`fid_interval` puts a bootstrap interval around FID: the generated samples are resampled
+with replacement and FID recomputed against the fixed reference features. It measures how
+much FID moves with the draw of N samples (the reference set is held fixed, so its own
+sampling noise is not in the interval). A resample repeats samples, which by itself
+raises FID (fewer distinct points: a poorer covariance), so the raw bootstrap percentiles
+sit above the estimate; the interval is their spread re-centred on the estimate:
+[FID - (median - q_low), FID + (q_high - median)].
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, *, subsets: int = 100,
 
 def fid_interval(features: np.ndarray, reference: np.ndarray, *, resamples: int = 200,
                  level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
-  """(FID, low, high): FID of `features` against `reference` and the percentile bootstrap
-  interval at `level` over resamples of `features` (with replacement)."""
+  """(FID, low, high): FID of `features` against `reference` and the bootstrap interval at
+  `level` over resamples of `features` (with replacement), centred on the estimate (see
+  the module docstring)."""
   features = np.asarray(features, np.float64)
   point = fid_lib.feature_distance(features, reference)
   if resamples <= 0:
@@ -62,5 +66,5 @@ def fid_interval(features: np.ndarray, reference: np.ndarray, *, resamples: int 
   boot = np.array([fid_lib.feature_distance(features[rng.integers(0, n, n)], reference)
                    for _ in range(int(resamples))])
   tail = (1.0 - level) / 2
-  low, high = np.quantile(boot, [tail, 1.0 - tail])
-  return point, float(low), float(high)
+  low, mid, high = np.quantile(boot, [tail, 0.5, 1.0 - tail])
+  return point, float(point - (mid - low)), float(point + (high - mid))

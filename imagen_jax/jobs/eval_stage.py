@@ -95,6 +95,28 @@ def loss_by_logsnr(workdir: str) -> dict[str, Any] | None:
           "loss": [float(last[k]) for k in keys]}
 
 
+def reuse_samples(step_dir: str, prompts: list[str], seed: int, guidance: float, step: int
+                  ) -> np.ndarray | None:
+  """The samples an earlier evaluation of this step wrote (PNGs and settings.json), when
+  they were drawn for the same captions, seed, guidance and checkpoint step; else None.
+  An interrupted or re-run evaluation then scores them again without sampling."""
+  path = os.path.join(step_dir, "settings.json")
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    stage = record["stages"][0]
+    same = (record["prompts"] == list(prompts) and int(record["seed"]) == seed
+            and float(stage["guidance"]) == guidance and int(stage["step"]) == step)
+    if not same:
+      return None
+    folder = os.path.join(step_dir, f"stage0_{int(stage['resolution'])}px")
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    return np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:05d}.png")).convert("RGB"))
+                     for i in range(len(prompts))])
+  except (OSError, KeyError, ValueError, TypeError):
+    return None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ec = config.eval
   steps = checkpoint_steps(workdir, ec.steps)
@@ -119,29 +141,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   cascade = None
   rows = []
   for step in steps:
-    stage = cascade_lib.load_stage(workdir, step=step, weights=ec.weights, mesh=mesh)
-    if cascade is None:
-      cascade = cascade_lib.Cascade([stage], mesh=mesh)
-    else:  # same network and shapes: keep the compiled sampler, swap the weights
-      cascade.stages[0] = stage
     step_dir = os.path.join(out_root, f"step_{step}")
     t0 = time.perf_counter()
-    out = cascade.generate(prompts, seed=int(ec.seed), settings=settings,
-                           batch_size=int(ec.batch_size), out_dir=step_dir,
-                           grid_size=int(ec.grid_size))
+    images = reuse_samples(step_dir, prompts, int(ec.seed), float(ec.guidance), step)
+    grid_png = os.path.join(step_dir, "prompts", f"grid_{int(config.data.resolution)}px.png")
+    if images is None or not os.path.isfile(grid_png):
+      stage = cascade_lib.load_stage(workdir, step=step, weights=ec.weights, mesh=mesh)
+      if cascade is None:
+        cascade = cascade_lib.Cascade([stage], mesh=mesh)
+      else:  # same network and shapes: keep the compiled sampler, swap the weights
+        cascade.stages[0] = stage
+      out = cascade.generate(prompts, seed=int(ec.seed), settings=settings,
+                             batch_size=int(ec.batch_size), out_dir=step_dir,
+                             grid_size=int(ec.grid_size))
+      cascade.generate(grid_prompts, seed=int(ec.grid_seed), settings=settings,
+                       batch_size=int(ec.batch_size), progress=False,
+                       out_dir=os.path.join(step_dir, "prompts"),
+                       grid_size=len(grid_prompts))
+      images = out.images[0]
+    else:
+      print(f"step {step}: reusing the {len(images)} samples in {step_dir} (same captions, "
+            "seed and guidance)")
     sample_s = time.perf_counter() - t0
-    grid = cascade.generate(grid_prompts, seed=int(ec.grid_seed), settings=settings,
-                            batch_size=int(ec.batch_size), progress=False,
-                            out_dir=os.path.join(step_dir, "prompts"), grid_size=len(grid_prompts))
-    images = out.images[0]
     feats = fid_lib.inception_features(images, batch_size=int(ec.batch_size),
                                        weights=inception)
+    np.savez(os.path.join(step_dir, "features.npz"), features=feats)
     fid, low, high = kid_lib.fid_interval(feats, ref_feats, resamples=int(ec.bootstrap),
                                           seed=int(ec.seed))
     kid, kid_std = kid_lib.kid(feats, ref_feats, subsets=int(ec.kid_subsets),
                                subset_size=int(ec.kid_subset_size), seed=int(ec.seed))
     precision, recall = pr_lib.precision_recall(ref_feats, feats)
-    res = grid.images[0].shape[1]
+    res = int(config.data.resolution)
     # KID's interval is conservative: +-1.96 std of one subset's estimate, wider than the
     # std of their mean (the subsets overlap, so the mean's own std is not known exactly).
     row = {"step": int(step), "fid": fid, "fid_low": low, "fid_high": high, "kid": kid,
