@@ -67,7 +67,8 @@ def stage_config(kind: str, variant: str, *, model: dict[str, Any],
                 resize="center_crop", train_split="train", eval_split="test", workers=0)
 
   # Training schedule options and the sampler of the log's sample grids (and later eval).
-  c.diffusion.update(schedule_kw={}, thresholding="dynamic",
+  # weighting_kw: the loss weighting's arguments, e.g. {'gamma': 5.0} for min_snr.
+  c.diffusion.update(schedule_kw={}, weighting_kw={}, thresholding="dynamic",
                      sampler=dict(method="dpmpp_2m", steps=25, grid="logsnr", rho=7.0))
 
   # Training (imagen_jax/train). batch_size is global (split over processes and the

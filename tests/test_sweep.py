@@ -162,3 +162,26 @@ def test_an_interrupted_training_is_not_finished(tmp_path):
   assert sweep_lib.pending_modes(sweep, run) == ["train", "eval"]
   (workdir / "train_summary.json").write_text(json.dumps({"complete": True}))
   assert sweep_lib.pending_modes(sweep, run) == ["eval"]
+
+
+@pytest.mark.parametrize("spec", ["gmm_schedules.py:ring", "emoji_schedules.py:cpu",
+                                  "emoji_schedules.py:pod"])
+def test_every_run_of_a_sweep_is_a_valid_config(spec):
+  # Each run's overrides name keys its base config has (configs are locked: launch.py would
+  # reject the run only when its turn comes, after the runs before it) and pass the checks
+  # of every mode the sweep runs.
+  from imagen_jax import config_checks, config_files  # pylint: disable=g-import-not-at-top
+  sweep = sweep_lib.load_sweep(str(REPO / "experiments" / spec))
+  for run in sweep_lib.plan(sweep, "/tmp/sweep-root"):
+    config = config_files.load(str(REPO / sweep["config"]))
+    for key, value in run.overrides.items():
+      *parents, last = key.split(".")
+      node = config
+      for part in parents:
+        node = node[part]
+      assert last in node, f"{spec} arm {run.arm}: the config has no key {key}"
+      node[last] = value
+    if spec.endswith(":pod"):
+      continue  # its T5-XXL checkpoint is the user's (--set data.text_encoder=t5:DIR)
+    for mode, _ in sweep["modes"]:
+      config_checks.validate(config, mode)
