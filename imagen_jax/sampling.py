@@ -55,7 +55,6 @@ def sampler_kwargs(sampler_cfg: Any) -> dict[str, Any]:
   return kw
 
 
-schedule_from_config = schedules.from_config  # the stage's schedule (diffusion section)
 
 
 def _placeholder_rest(config: ml_collections.ConfigDict) -> nnx.State:

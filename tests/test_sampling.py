@@ -125,7 +125,7 @@ def test_sampler_kwargs_and_schedule_from_config():
   config.diffusion.sampler.method = "heun"           # eta is not a heun option
   assert "eta" not in samples.sampler_kwargs(config.diffusion.sampler)
   config.diffusion.schedule_kw = {"logsnr_min": -12.0}
-  assert samples.schedule_from_config(config.diffusion).logsnr_min == -12.0
+  assert schedules.from_config(config.diffusion).logsnr_min == -12.0
 
 
 def test_sr_aug_level_from_config_in_any_form_or_per_call():

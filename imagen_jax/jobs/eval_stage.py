@@ -43,6 +43,7 @@ from imagen_jax.eval import kid as kid_lib
 from imagen_jax.eval import precision_recall as pr_lib
 from imagen_jax.eval import references
 from imagen_jax.train import checkpointing
+from imagen_jax.train import logging as log_lib
 from imagen_jax.train import plots
 
 
@@ -75,20 +76,11 @@ def checkpoint_steps(workdir: str, wanted: Any) -> list[int]:
 
 def loss_by_logsnr(workdir: str) -> dict[str, Any] | None:
   """The last logged per-bucket losses of the run ({"buckets": [...], "loss": [...]})."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  with_buckets = [r for r in log_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+                  if any(k.startswith("loss/bucket_") for k in r)]
+  if not with_buckets:
     return None
-  last = None
-  with open(path) as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:  # a line cut by an interrupted write
-        continue
-      if any(k.startswith("loss/bucket_") for k in rec):
-        last = rec
-  if last is None:
-    return None
+  last = with_buckets[-1]
   keys = sorted((k for k in last if k.startswith("loss/bucket_")),
                 key=plots.bucket_sort_key)
   return {"step": last.get("step"), "buckets": [k[len("loss/bucket_"):] for k in keys],
