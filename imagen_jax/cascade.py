@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imagen_jax import dataclass_config
+from imagen_jax import config_schema
 from imagen_jax import export
 from imagen_jax import images as images_lib
 from imagen_jax import sampling
@@ -51,6 +51,65 @@ from imagen_jax.train import state as state_lib
 
 class CascadeError(UserError):
   """A stage that cannot be loaded or does not chain with the previous one."""
+
+
+WEIGHTS = ("ema", "params")
+_AUG_RANGES = {"t": "a time, so within [0, 1]", "logsnr": "a log-SNR, so a finite number",
+               "sigma": "the std of the added noise, so within (0, 1)"}
+
+
+def aug_value_ok(value: Any, form: str) -> bool:
+  """A level any schedule may reach: t in [0, 1], sigma in (0, 1), a finite log-SNR."""
+  if not config_schema.is_number(value):
+    return False
+  if form == "t":
+    return 0.0 <= value <= 1.0
+  if form == "sigma":
+    return 0.0 < value < 1.0
+  return math.isfinite(value)
+
+
+def check_aug_level(c: config_schema.Checker, name: str, form: str) -> None:
+  if not aug_value_ok(getattr(c.obj, name), form):
+    raise c.error(name, f"is an augmentation level given as {_AUG_RANGES[form]}")
+
+
+def aug_levels_problem(form: str) -> str:
+  return f"must list augmentation levels, each {_AUG_RANGES[form]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeSettings:
+  """The top-level keys of configs/cascade.py: the stages' workdirs (or exported .npz
+  files), base first, and which weights to sample ("ema": the slowest EMA, or "params")."""
+
+  stages: tuple[str, ...]
+  weights: str
+
+  def check(self, c: config_schema.Checker) -> None:
+    c.strings("stages", fix="pass --config.stages=\"('runs/base64', 'runs/sr256')\"")
+    c.one_of("weights", WEIGHTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+  """config.sample of a cascade config: `prompts` (or prompts_file, one per line) sampled
+  from `seed` through the first num_stages stages (0 = all), batch_size per call."""
+
+  prompts: tuple[str, ...]
+  prompts_file: str
+  seed: int
+  batch_size: int
+  num_stages: int
+
+  def check(self, c: config_schema.Checker) -> None:
+    c.text("prompts_file")
+    c.integer("batch_size", minimum=1)
+    c.integer("seed")
+    n = c.integer("num_stages")
+    stages = len(c.root.stages) if c.root is not None else n
+    if not 0 <= n <= stages:
+      raise c.error("num_stages", f"must lie in [0, {stages}] (0 = all {stages} stages)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +128,30 @@ class StageSettings:
   aug_logsnr: float | None = None   # SR only: ... as a log-SNR
   aug_sigma: float | None = None    # SR only: ... as the noise std sigma in (0, 1)
 
+  def check(self, c: config_schema.Checker) -> None:
+    """config.stageK: the values that are set. The stage's schedule is known only once it
+    is loaded (`Cascade` checks the level against it); here: one form at most, each within
+    the range every schedule allows."""
+    from imagen_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
+    if self.sampler is not None:
+      c.one_of("sampler", sorted(samplers.METHODS))
+    if self.steps is not None:
+      c.integer("steps", minimum=1)
+    if self.thresholding is not None:
+      c.one_of("thresholding", guidance.THRESHOLDINGS)
+    if self.guidance is not None:
+      c.number("guidance", low=0.0)
+    key = c.one_set(("aug_t", "aug_logsnr", "aug_sigma"), required=False,
+                    what="augmentation level")
+    if key is not None:
+      check_aug_level(c, key, key[len("aug_"):])
+
   @classmethod
   def from_dict(cls, d: Any) -> "StageSettings":
     # Config files spell "keep the stage's value" as None, 0 or "" (locked configs cannot
     # hold None for a typed key).
-    d = {k: (v if v not in ("", None) else None) for k, v in dataclass_config.as_dict(d).items()}
-    return dataclass_config.from_mapping(cls, d, error=CascadeError, what="stage setting")
+    d = {k: (v if v not in ("", None) else None) for k, v in config_schema.as_dict(d).items()}
+    return config_schema.from_mapping(cls, d, error=CascadeError, what="stage setting")
 
 
 @dataclasses.dataclass
@@ -143,7 +220,7 @@ def load_stage(path: str, *, step: int | None = None, weights: str = "ema",
   The whole TrainState is restored (optimizer moments included), then only the weights
   kept: simple and exact, at the cost of holding the optimizer state for a moment.
   """
-  if weights not in ("ema", "params"):
+  if weights not in WEIGHTS:
     raise CascadeError(f"weights={weights!r}: choose 'ema' or 'params'.")
   if os.path.isfile(path) and path.endswith(".npz"):
     return _load_exported(path, mesh=mesh)

@@ -15,6 +15,7 @@ sampling, is split over BATCH_AXES (`batch_sharding`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from imagen_jax import config_schema
 from imagen_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -40,6 +42,22 @@ def logical(*names: str | None) -> dict[str, tuple]:
   """The metadata that gives a variable logical axis names, for the networks' layers:
   nnx.Linear(..., kernel_metadata=logical("embed", "mlp"))."""
   return {"out_sharding": tuple(names)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+  """config.mesh: the sizes of the (data, fsdp, tensor) axes, -1 for the remaining
+  devices; against the devices they are checked by `mesh_shape` at run time."""
+
+  data: int
+  fsdp: int
+  tensor: int
+
+  def check(self, c: config_schema.Checker) -> None:
+    for axis in ("data", "fsdp", "tensor"):
+      size = c.integer(axis)
+      if size == 0 or size < -1:
+        raise c.error(axis, "must be a positive size or -1 (the rest)")
 
 
 class MeshError(UserError, ValueError):

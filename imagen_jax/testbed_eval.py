@@ -5,6 +5,7 @@ testbed's two jobs (imagen_jax/jobs/testbed_sample.py, testbed_train.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -12,7 +13,52 @@ import jax
 import ml_collections
 import numpy as np
 
+from imagen_jax import config_schema
 from imagen_jax.diffusion import samplers, testbed
+
+MIXTURES = ("ring", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSettings:
+  """config.data of the testbed's configs: "ring" uses num_modes, radius and std (dim must
+  be 2); "random" uses dim, num_modes and seed."""
+
+  mixture: str
+  dim: int
+  num_modes: int
+  radius: float
+  std: float
+  seed: int
+
+  def check(self, c: config_schema.Checker) -> None:
+    mixture = c.one_of("mixture", MIXTURES)
+    c.integer("num_modes", minimum=1)
+    dim = c.integer("dim", minimum=1)
+    if mixture == "ring":
+      if dim != 2:
+        raise c.error("dim", "the ring mixture is 2-D",
+                      fix=f"pass {c.flag('dim')}=2, or {c.flag('mixture')}=random for a "
+                          "mixture of any dimension")
+      c.number("radius", low=0.0, strict=True)
+      c.number("std", low=0.0, strict=True)
+    else:
+      c.integer("seed")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampleEvalSettings:
+  """config.eval of the testbed: num_samples (>= 2, for covariances) drawn from `seed`,
+  scored by sliced W2 over num_projections random directions."""
+
+  num_samples: int
+  seed: int
+  num_projections: int
+
+  def check(self, c: config_schema.Checker) -> None:
+    c.integer("num_samples", minimum=2)
+    c.integer("seed")
+    c.integer("num_projections", minimum=1)
 
 
 def build_mixture(data: ml_collections.ConfigDict) -> testbed.GaussianMixture:

@@ -12,14 +12,65 @@ Keys read (see configs/base64.py):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Iterable
 
 from absl import logging as absl_logging
 
+from imagen_jax import config_schema
 from imagen_jax.errors import UserError
 
 DATASETS = ("emoji_cascade", "image_text_folder")
+RESIZE_MODES = ("center_crop", "pad")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageDataSettings:
+  """The image keys of a stage's config.data: the dataset (built by --mode=build_data into
+  data_dir, "" = $TFDS_DATA_DIR or ~/tensorflow_datasets) at `resolution`, and for SR
+  stages low_resolution (the input's) and crop (training crops, None = whole images);
+  limit caps drawings per style in each split (0 = all); source_dir and resize are for
+  "image_text_folder"; workers: grain worker processes (0 = in the main process)."""
+
+  dataset: str
+  data_dir: str
+  resolution: int
+  limit: int
+  source_dir: str
+  resize: str
+  train_split: str
+  eval_split: str
+  workers: int
+  low_resolution: int | None = None
+  crop: int | None = None
+
+  def check(self, c: config_schema.Checker) -> None:
+    dataset = c.one_of("dataset", DATASETS)
+    c.text("data_dir")
+    resolution = c.integer("resolution", minimum=8)
+    if self.low_resolution is not None:
+      low = c.integer("low_resolution", minimum=1)
+      if resolution % low:
+        raise c.error("low_resolution", f"must divide {c.key('resolution')}={resolution}")
+      crop = self.crop
+      if crop is not None:
+        factor = resolution // low
+        if not (config_schema.is_int(crop) and 0 < crop <= resolution and crop % factor == 0):
+          raise c.error("crop", f"must be None or a multiple of {factor} (the SR factor) no "
+                                f"larger than {c.key('resolution')}={resolution}")
+    c.integer("limit", minimum=0, why="(0 = every drawing)")
+    c.one_of("resize", RESIZE_MODES)
+    for name in ("train_split", "eval_split"):
+      if not (isinstance(getattr(self, name), str) and getattr(self, name)):
+        raise c.error(name, "must name a split", fix=f"pass {c.flag(name)}=train")
+    c.integer("workers", minimum=0)
+    if dataset == "image_text_folder":
+      source = self.source_dir
+      if not source or not os.path.isdir(source):
+        raise c.error("source_dir", "image_text_folder needs an existing folder",
+                      fix=f"pass {c.flag('source_dir')}=/path/to/images (images with "
+                          "same-stem .txt captions, or a metadata.jsonl/csv manifest)")
 
 
 class DatasetNotBuiltError(UserError, FileNotFoundError):

@@ -72,6 +72,9 @@ def static_threshold(x0: Array) -> Array:
   return jnp.clip(x0, -1.0, 1.0)
 
 
+THRESHOLDINGS = ("dynamic", "static", "none")
+
+
 def thresholded(denoise_fn: DenoiseFn, method: str | None = "dynamic",
                 percentile: float = 99.5) -> DenoiseFn:
   """Applies "dynamic", "static" or no (None / "none") thresholding to x0_hat."""

@@ -192,7 +192,7 @@ METHODS = {
     "heun": functools.partial(_heun, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0),
 }
 # Numeric keyword arguments each method accepts through `sample(**kw)` (configs carry
-# them as numbers; see config_checks and imagen_jax/testbed_eval.py).
+# them as numbers; see diffusion/settings.py and imagen_jax/testbed_eval.py).
 METHOD_KWARGS = {
     "ddim": ("eta",), "ddpm": (), "dpmpp_2m": (), "dpmpp_3m": (),
     "heun": ("s_churn", "s_tmin", "s_tmax", "s_noise"),

@@ -37,7 +37,33 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from imagen_jax import config_schema
+
 TEXT_ENCODER = "minilm"
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignmentSettings:
+  """eval.alignment: the offline alignment model's training, on train_limit (0 = the whole
+  train split) caption-image pairs; scores rank each image's caption among `candidates`."""
+
+  train_limit: int
+  dim: int
+  steps: int
+  batch_size: int
+  lr: float
+  weight_decay: float
+  candidates: int
+  seed: int
+
+  def check(self, c: config_schema.Checker) -> None:
+    c.integer("train_limit", minimum=0, why="(0 = the whole train split)")
+    for name in ("dim", "steps", "batch_size"):
+      c.integer(name, minimum=1)
+    c.integer("candidates", minimum=2)
+    c.number("lr", low=0.0, strict=True)
+    c.number("weight_decay", low=0.0)
+    c.integer("seed")
 
 
 def text_features(captions: Sequence[str], encoder: Any = None, *,

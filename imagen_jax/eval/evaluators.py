@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from imagen_jax import config_schema
 from imagen_jax.errors import UserError
 from imagen_jax.eval import alignment as align_lib
 from imagen_jax.eval import references
@@ -134,6 +135,40 @@ EVALUATORS: dict[str, Callable[[Context], Evaluator]] = {
     "clip_score": ClipScorer,
 }
 CHOICES = ("auto", *EVALUATORS)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScoringSettings:
+  """The keys both eval jobs share (their sections add the rest): num_images held-out
+  captions sampled from `seed` in batches of batch_size, scored against reference_limit
+  (0 = all) held-out images by FID (Inception weights `inception`, "" = the default
+  file) and by `text_metric` (CHOICES; "auto" = CLIP score when `clip` names CLIP
+  weights, else the offline alignment score trained as `alignment` says); features and
+  the alignment model are cached in cache_dir ("" = under the workdir); grids show
+  grid_size samples."""
+
+  num_images: int
+  seed: int
+  batch_size: int
+  reference_limit: int
+  clip: str
+  inception: str
+  cache_dir: str
+  grid_size: int
+  text_metric: str
+  alignment: align_lib.AlignmentSettings = config_schema.section(align_lib.AlignmentSettings)
+
+  def check(self, c: config_schema.Checker) -> None:
+    c.integer("num_images", minimum=2)
+    c.integer("seed")
+    c.integer("batch_size", minimum=1)
+    c.integer("grid_size", minimum=1)
+    limit = c.integer("reference_limit")
+    if limit < 0 or limit == 1:
+      raise c.error("reference_limit", "must be 0 (all) or >= 2 (covariances)")
+    for name in ("clip", "inception", "cache_dir"):
+      c.text(name)
+    c.one_of("text_metric", CHOICES)
 
 
 def text_evaluator(ctx: Context) -> Evaluator:

@@ -13,8 +13,10 @@ Each module declares, as literals at its top, what it serves, and defines the jo
 
   MODE = "eval"                    # the --mode it runs
   KINDS = ("base",)                # the config kinds (config.kind) it accepts
-  CHECKS = ("check_stage_eval",)   # optional: imagen_jax.config_checks functions that
-                                   # this mode needs beyond the kind's own checks
+  SECTIONS = {"eval": "StageEvalSettings"}
+                                   # optional: config sections this mode reads beyond
+                                   # its kind's, each a dataclass of this module (or
+                                   # "module:Class"), checked by imagen_jax.config_checks
   def run(config, workdir): ...
 
 `specs()` reads the declarations without importing the modules (they import JAX and the
@@ -30,7 +32,7 @@ import functools
 import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_DECLARED = ("MODE", "KINDS", "CHECKS")
+_DECLARED = ("MODE", "KINDS", "SECTIONS")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,7 @@ class JobSpec:
   module: str                 # e.g. "imagen_jax.jobs.train"
   mode: str
   kinds: tuple[str, ...]
-  checks: tuple[str, ...] = ()
+  sections: tuple[tuple[str, str], ...] = ()   # (config path, "module:Class")
 
   @property
   def target(self) -> str:
@@ -70,7 +72,10 @@ def specs() -> tuple[JobSpec, ...]:
       raise ValueError(f"{path} declares no MODE and KINDS; every module of "
                        "imagen_jax/jobs/ is a launch.py job (see the package docstring).")
     out.append(JobSpec(module=f"imagen_jax.jobs.{name[:-3]}", mode=str(d["MODE"]),
-                       kinds=tuple(d["KINDS"]), checks=tuple(d.get("CHECKS", ()))))
+                       kinds=tuple(d["KINDS"]),
+                       sections=tuple((path, cls if ":" in cls else
+                                       f"imagen_jax.jobs.{name[:-3]}:{cls}")
+                                      for path, cls in dict(d.get("SECTIONS", {})).items())))
   return tuple(out)
 
 

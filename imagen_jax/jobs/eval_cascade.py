@@ -45,6 +45,8 @@ from typing import Any, Sequence
 import ml_collections
 
 from imagen_jax import cascade as cascade_lib
+from imagen_jax import config_schema
+from imagen_jax.diffusion import guidance
 from imagen_jax.eval import evaluators
 from imagen_jax.eval import fid as fid_lib
 from imagen_jax.eval import precision_recall as pr_lib
@@ -56,7 +58,48 @@ AUG_FORMS = ("t", "logsnr", "sigma")
 
 MODE = "eval"
 KINDS = ("cascade",)
-CHECKS = ("check_cascade_eval",)
+SECTIONS = {"eval": "CascadeEvalSettings"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CascadeEvalSettings(evaluators.ScoringSettings):
+  """config.eval of a cascade (configs/cascade.py explains the keys): the guidance sweep,
+  the SR stages' augmentation-level sweep, the stage FID measures (fid_stage) on its
+  dataset (data_dir "" = the stage's own), and whether to run sample.prompts through
+  every stage for the report (cascade_samples)."""
+
+  guidance_weights: tuple[float, ...]
+  aug_levels: tuple[float, ...]
+  aug_level_kind: str
+  fid_stage: int
+  data_dir: str
+  cascade_samples: bool
+
+  def check(self, c: config_schema.Checker) -> None:
+    weights = self.guidance_weights
+    if not weights or not all(config_schema.is_number(w) and w >= 0 for w in weights):
+      raise c.error("guidance_weights", "must list weights >= 0",
+                    fix=f"pass e.g. {c.flag('guidance_weights')}='(1.0, 3.0, 5.0)'")
+    super().check(c)
+    num_stages = len(c.root.stages)
+    stage = c.integer("fid_stage")
+    if not 0 <= stage < num_stages:
+      raise c.error("fid_stage", f"names a stage, so must lie in [0, {num_stages - 1}]")
+    form = c.one_of("aug_level_kind", guidance.AUG_LEVEL_FORMS)
+    levels = self.aug_levels
+    if not isinstance(levels, (tuple, list)) or not all(
+        cascade_lib.aug_value_ok(v, form) for v in levels):
+      raise c.error("aug_levels", cascade_lib.aug_levels_problem(form) +
+                    f" ({c.key('aug_level_kind')}={form!r})",
+                    fix=f"pass e.g. {c.flag('aug_levels')}='(0.1, 0.2, 0.3)' (times t), "
+                        "or () for each stage's own level")
+    if levels and stage == 0:
+      raise c.error("fid_stage", f"an augmentation sweep ({c.key('aug_levels')}="
+                    f"{tuple(levels)}) acts on the SR stages, but FID is measured on the "
+                    "base stage, which they do not touch",
+                    fix=f"pass {c.flag('fid_stage')}=1 (or {c.flag('aug_levels')}='()')")
+    c.text("data_dir")
+    c.flag_bool("cascade_samples")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ grids, settings.json), cache/ (reference features and the alignment model).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -35,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import cascade as cascade_lib
+from imagen_jax import config_schema
 from imagen_jax import sharding as sharding_lib
 from imagen_jax.errors import UserError
 from imagen_jax.eval import evaluators
@@ -49,7 +51,38 @@ from imagen_jax.train import plots
 
 MODE = "eval"
 KINDS = ("base",)
-CHECKS = ("check_stage_eval",)
+SECTIONS = {"eval": "StageEvalSettings"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageEvalSettings(evaluators.ScoringSettings):
+  """config.eval of a base stage (configs/base64.py explains the keys): the checkpoints
+  at `steps` (() = every one kept) sampled at `guidance` with the `weights`, FID's
+  bootstrap resamples, KID's subsets, and the fixed-prompt grid."""
+
+  steps: tuple[int, ...]
+  guidance: float
+  weights: str
+  bootstrap: int
+  kid_subsets: int
+  kid_subset_size: int
+  grid_seed: int
+  prompts: tuple[str, ...]
+
+  def check(self, c: config_schema.Checker) -> None:
+    super().check(c)
+    steps = self.steps
+    if not (isinstance(steps, (tuple, list)) and
+            all(config_schema.is_int(s) and s >= 0 for s in steps)):
+      raise c.error("steps", "must be a tuple of checkpoint steps (() = all)",
+                    fix=f"pass e.g. {c.flag('steps')}='(500, 1000)'")
+    c.integer("grid_seed")
+    c.number("guidance", low=0.0)
+    c.one_of("weights", cascade_lib.WEIGHTS)
+    c.integer("bootstrap", minimum=0)
+    c.integer("kid_subsets", minimum=1)
+    c.integer("kid_subset_size", minimum=2)
+    c.strings("prompts", fix=f"pass e.g. {c.flag('prompts')}=\"('red apple, twemoji style',)\"")
 
 
 def checkpoint_steps(workdir: str, wanted: Any) -> list[int]:

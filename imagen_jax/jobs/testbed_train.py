@@ -23,6 +23,7 @@ finished run):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -37,14 +38,67 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from imagen_jax import testbed_eval
+from imagen_jax import config_schema, testbed_eval
 from imagen_jax.diffusion import objectives, samplers, schedules
+from imagen_jax.diffusion import settings as diffusion_settings
 from imagen_jax.errors import UserError
 from imagen_jax.models.mlp import MLPDenoiser
 
 
 MODE = "train"
 KINDS = ("gmm_denoiser",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserModelSettings:
+  """config.model: the MLP's width, depth and log-SNR feature width (sines and cosines)."""
+
+  width: int
+  depth: int
+  feat_dim: int
+
+  def check(self, c: config_schema.Checker) -> None:
+    for name in ("width", "depth", "feat_dim"):
+      c.integer(name, minimum=1)
+    if self.feat_dim % 2:
+      raise c.error("feat_dim", "must be even (sine and cosine features)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserTrainSettings:
+  """config.train: AdamW at lr after a linear warmup, fresh mixture batches every step."""
+
+  steps: int
+  batch_size: int
+  lr: float
+  warmup_steps: int
+  seed: int
+  log_every: int
+
+  def check(self, c: config_schema.Checker) -> None:
+    for name in ("steps", "batch_size", "log_every"):
+      c.integer(name, minimum=1)
+    c.integer("seed")
+    c.number("lr", low=0.0, strict=True)
+    c.integer("warmup_steps", minimum=0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DenoiserEvalSettings(testbed_eval.SampleEvalSettings):
+  """config.eval: the testbed's sample scores, the excess MSE at logsnr_levels, and the
+  sampler (with its own schedule) every arm is sampled with."""
+
+  logsnr_levels: tuple[float, ...]
+  sampler: diffusion_settings.ScheduledSampler = config_schema.section(
+      diffusion_settings.ScheduledSampler)
+
+  def check(self, c: config_schema.Checker) -> None:
+    super().check(c)
+    levels = self.logsnr_levels
+    if not (isinstance(levels, (tuple, list)) and levels and
+            all(config_schema.is_number(v) for v in levels)):
+      raise c.error("logsnr_levels", "must be a non-empty tuple of log-SNRs",
+                    fix=f"pass e.g. {c.flag('logsnr_levels')}='(-6.0, 0.0, 6.0)'")
 
 
 def build_objective(config: ml_collections.ConfigDict):

@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagen_jax import dataclass_config
+from imagen_jax import config_schema
 from imagen_jax.models import layers as L
 
 Array = jax.Array
@@ -132,11 +132,11 @@ class EfficientUNetConfig:
     `name` is accepted (it selects the network) if it says "efficient_unet"; any other
     unknown key is an error rather than silently ignored.
     """
-    d = dataclass_config.as_dict(d)
+    d = config_schema.as_dict(d)
     name = d.pop("name", "efficient_unet")
     if name != "efficient_unet":
       raise ValueError(f"model.name {name!r}: EfficientUNetConfig builds 'efficient_unet'.")
-    return dataclass_config.from_mapping(cls, d)
+    return config_schema.from_mapping(cls, d)
 
   @property
   def level_channels(self) -> tuple[int, ...]:

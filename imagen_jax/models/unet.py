@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagen_jax import dataclass_config
+from imagen_jax import config_schema
 from imagen_jax.models import layers
 
 Array = jax.Array
@@ -110,8 +110,8 @@ class UNetConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
     """Builds the config from a mapping (e.g. `config.model`); `name` is ignored, any
     other unknown key is an error naming the valid ones."""
-    d = {k: v for k, v in dataclass_config.as_dict(d).items() if k != "name"}
-    return dataclass_config.from_mapping(cls, d)
+    d = {k: v for k, v in config_schema.as_dict(d).items() if k != "name"}
+    return config_schema.from_mapping(cls, d)
 
 
 class UNet(nnx.Module):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagen_jax import config_schema
 from imagen_jax.text import tokenize
 from imagen_jax.text.encoder import TextEncoder
 
@@ -32,6 +33,86 @@ __all__ = ["load_text_encoder", "TextEncoder", "KINDS"]
 
 KINDS = ("minilm", "bert", "t5", "t5x", "random-t5")
 IMAGEN_MAX_LEN = 128  # Imagen's T5 token budget
+MINILM_WIDTH = 384      # the width of MiniLM-L6's embeddings
+TEXT_DTYPES = ("float32", "bfloat16")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TextSettings:
+  """The text keys of a stage's config.data: the encoder spec (see the module doc) and
+  text_tokenizer (overrides the checkpoint's own; required for t5x:), max_text_len tokens,
+  text_dtype and text_batch_size of encoding; embedding_cache (read instead of encoding on
+  the fly, written by --mode=precompute; "" = WORKDIR/text_cache) with its cache_dtype;
+  captions_file: what precompute encodes instead of the dataset's captions."""
+
+  text_encoder: str
+  max_text_len: int
+  text_tokenizer: str
+  text_dtype: str
+  text_batch_size: int
+  embedding_cache: str
+  cache_dtype: str
+  captions_file: str
+
+  def check(self, c: config_schema.Checker) -> None:
+    c.integer("max_text_len", minimum=2)
+    c.integer("text_batch_size", minimum=1)
+    c.one_of("text_dtype", TEXT_DTYPES)
+    c.one_of("cache_dtype", CACHE_DTYPES)
+    c.text("embedding_cache")
+    tokenizer = c.text("text_tokenizer")
+    if tokenizer and not os.path.isfile(tokenizer):
+      raise c.error("text_tokenizer", "no such file",
+                    fix="pass the path of a spiece.model or tokenizer.json, or '' for the "
+                        "checkpoint's own")
+    width = self.width(c)
+    if c.root is not None and "model" in c.root:
+      text_dim = config_schema.get(c.root, "model.text_dim")
+      if width is not None and width != text_dim:
+        raise config_schema.ConfigError(
+            "model.text_dim", text_dim, f"{c.key('text_encoder')}={self.text_encoder!r} gives "
+            f"{width}-d embeddings", fix=f"pass --config.model.text_dim={width}")
+    captions = c.text("captions_file")
+    if captions and not os.path.isfile(captions):
+      raise c.error("captions_file", "no such file",
+                    fix="pass a text file with one caption per line, or '' to encode the "
+                        "dataset's captions")
+
+  def width(self, c: config_schema.Checker) -> int | None:
+    """The embedding width the encoder gives, read without loading weights (None when it
+    cannot be known cheaply: t5x); a spec that cannot load raises ConfigError."""
+    spec = self.text_encoder
+    try:
+      kind, arg = parse_spec(spec)
+    except ValueError as e:
+      raise c.error("text_encoder", str(e).rstrip("."),
+                    fix=f"pass e.g. {c.flag('text_encoder')}=minilm") from e
+    if kind == "minilm":
+      return MINILM_WIDTH
+    if kind == "random-t5":
+      from imagen_jax.text import t5  # pylint: disable=g-import-not-at-top
+      if arg not in t5.T5_SIZES:
+        raise c.error("text_encoder", "unknown random T5 size",
+                      allowed=[f"random-t5:{k}" for k in t5.T5_SIZES])
+      return t5.T5_SIZES[arg].d_model
+    if not os.path.isdir(arg):
+      raise c.error("text_encoder", f"checkpoint directory {arg!r} does not exist",
+                    fix=f"pass {c.flag('text_encoder')}={kind}:/path/to/your/checkpoint")
+    if kind == "t5x":
+      if not self.text_tokenizer:
+        raise c.error("text_tokenizer", "T5X checkpoints carry no tokenizer",
+                      fix=f"pass {c.flag('text_tokenizer')}=/path/to/spiece.model")
+      return None
+    import json  # pylint: disable=g-import-not-at-top
+    cfg_file = os.path.join(arg, "config.json")
+    try:
+      with open(cfg_file) as f:
+        hf = json.load(f)
+    except (OSError, ValueError) as e:
+      raise c.error("text_encoder", f"cannot read {cfg_file} ({e})",
+                    fix="point it at a Hugging Face checkpoint directory") from e
+    return hf.get("d_model", hf.get("hidden_size"))
 
 
 def parse_spec(spec: str) -> tuple[str, str]:

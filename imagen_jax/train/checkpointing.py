@@ -46,12 +46,30 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from imagen_jax import config_schema
 from imagen_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data_state", "metadata")
 _ASIDE_SUFFIX = ".unreadable"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+  """config.ckpt: a checkpoint every `every` steps; the newest `keep` are kept, and with
+  keep_every > 0 also every step divisible by it; async_save writes in the background."""
+
+  every: int
+  keep: int
+  keep_every: int
+  async_save: bool
+
+  def check(self, c: config_schema.Checker) -> None:
+    c.integer("every", minimum=1)
+    c.integer("keep", minimum=1)
+    c.integer("keep_every", minimum=0, why="(0 keeps only the newest ckpt.keep)")
+    c.flag_bool("async_save")
 
 
 class CheckpointError(UserError):

@@ -15,6 +15,7 @@ the event files), so every step appears once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,7 +25,28 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from imagen_jax import config_schema
 from imagen_jax.images import to_uint8
+
+@dataclasses.dataclass(frozen=True)
+class LogSettings:
+  """config.log: scalars every `every` steps; an EMA sample grid of `prompts` at guidance
+  `guidance` every sample_every steps (0 = none); MFU against peak_flops per device (0:
+  the device's own, imagen_jax/runtime.py)."""
+
+  every: int
+  sample_every: int
+  guidance: float
+  peak_flops: float
+  prompts: tuple[str, ...]
+
+  def check(self, c: config_schema.Checker) -> None:
+    c.integer("every", minimum=1)
+    c.integer("sample_every", minimum=0, why="(0 = no sample grids)")
+    c.number("guidance", low=0.0)
+    c.number("peak_flops", low=0.0)
+    c.strings("prompts", fix=f"pass e.g. {c.flag('prompts')}=\"('red apple, twemoji style',)\"")
+
 
 # Console line: these keys, in this order, when present.
 _CONSOLE = ("loss", "grad_norm", "lr", "skipped", "bad_steps", "images_per_s", "mfu")

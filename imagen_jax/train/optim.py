@@ -27,6 +27,7 @@ advance.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping
 
@@ -34,8 +35,46 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from imagen_jax import config_schema
+
 OPTIMIZERS = ("adamw", "adam", "adafactor")
 SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+  """config.optim (defaults: configs/common.py; meanings: the module doc). ema_decays: the
+  decays of the EMA copies of the parameters the trainer keeps (the slowest is sampled)."""
+
+  name: str
+  lr: float
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  schedule: str
+  warmup_steps: int
+  decay_steps: int
+  end_lr_frac: float
+  grad_clip: float
+  ema_decays: tuple[float, ...]
+
+  def check(self, c: config_schema.Checker) -> None:
+    c.one_of("name", OPTIMIZERS)
+    c.one_of("schedule", SCHEDULES)
+    c.number("lr", low=0.0, strict=True)
+    for name in ("b1", "b2"):
+      c.number(name, low=0.0, high=1.0)
+    c.number("eps", low=0.0)
+    for name in ("warmup_steps", "decay_steps"):
+      c.integer(name, minimum=0)
+    for name in ("weight_decay", "grad_clip", "end_lr_frac"):
+      c.number(name, low=0.0)
+    decays = self.ema_decays
+    if not (isinstance(decays, (tuple, list)) and
+            all(config_schema.is_number(d) and 0 < d < 1 for d in decays)):
+      raise c.error("ema_decays", "each EMA decay must lie in (0, 1)",
+                    fix=f"pass e.g. {c.flag('ema_decays')}='(0.9999,)'")
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:

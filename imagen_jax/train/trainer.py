@@ -22,6 +22,7 @@ batch, so the result equals an uninterrupted run bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from imagen_jax import config_schema
 from imagen_jax import images as images_lib
 from imagen_jax import runtime, sampling
 from imagen_jax import sharding as sharding_lib
@@ -50,6 +52,33 @@ from imagen_jax.train import plots
 # Fault injection for tests: the process SIGKILLs itself after this step (a crash at a
 # chosen point, which polling from outside cannot hit reliably on a fast smoke run).
 KILL_AT_STEP_ENV = "IMAGEN_JAX_KILL_AT_STEP"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """config.train: batch_size is global (split over processes and the mesh's data axes);
+  text_drop_prob drops the caption for classifier-free guidance; accum_steps micro-batches
+  per update; antithetic pairs each noise level t with 1 - t; the faults and time limit
+  are the module doc's. The batch against the mesh is checked here at run time, where
+  the devices are known."""
+
+  batch_size: int
+  steps: int
+  seed: int
+  text_drop_prob: float
+  accum_steps: int
+  antithetic: bool
+  max_bad_steps: int
+  time_limit_s: float
+
+  def check(self, c: config_schema.Checker) -> None:
+    for name in ("batch_size", "steps", "accum_steps", "max_bad_steps"):
+      c.integer(name, minimum=1)
+    c.integer("seed")
+    c.number("time_limit_s", low=0.0)
+    if not (config_schema.is_number(self.text_drop_prob) and 0 <= self.text_drop_prob <= 1):
+      raise c.error("text_drop_prob", "is a probability, so within [0, 1]")
+    c.flag_bool("antithetic")
 
 
 class DivergedError(UserError, RuntimeError):
