@@ -1,4 +1,4 @@
-r"""Golden fixtures for CLIP (imagen_jax.eval.clip*), made with transformers' PyTorch CLIP.
+r"""Golden fixtures for CLIP (imagen_jax.eval.nets.clip*), made with transformers' PyTorch CLIP.
 
 Never run by CI; its outputs are committed under tests/fixtures/eval/. It needs PyTorch,
 transformers, Pillow and torchmetrics, which are not dependencies of imagen_jax, so run it

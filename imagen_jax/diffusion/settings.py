@@ -10,6 +10,9 @@ here. Sections (imagen_jax.config_schema) by config kind:
   gmm_denoiser  ObjectiveDiffusion: schedule + target and weighting
   base          StageDiffusion: schedule + objective + thresholding + sampler
   sr            SRDiffusion: a stage's, and noise_aug (the low-res input's augmentation)
+
+The one module of diffusion/ that imports anything of ours: imagen_jax.config_schema, a
+leaf that imports nothing of ours itself. The math modules stay free of configs.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ import numpy as np
 from flax import nnx
 
 from imagen_jax.errors import UserError
-from imagen_jax.eval import clip as clip_lib
-from imagen_jax.eval.clip_tokenizer import CLIPTokenizer, TokenizerFileError
+from imagen_jax.eval.nets import clip as clip_lib
+from imagen_jax.eval.nets.clip_tokenizer import CLIPTokenizer, TokenizerFileError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -1,7 +1,7 @@
 """FID: Inception pool3 features, their Gaussian statistics, the Fréchet distance, and cached
 reference statistics of a dataset split.
 
-Pipeline (pytorch-fid's, on the TF 2015-12-05 Inception; see imagen_jax.eval.inception):
+Pipeline (pytorch-fid's, on the TF 2015-12-05 Inception; see imagen_jax.eval.nets.inception):
   1. images [N, H, W, 3] (or [N, H, W] / [N, H, W, 1] grayscale, repeated to RGB), any size,
      either uint8 in [0, 255] or float in [0, 1] (clipped; taken as x * 255, not rounded, so a
      float image equals the uint8 image it rounds to only up to that rounding);
@@ -35,7 +35,7 @@ import scipy.linalg
 from tqdm.auto import tqdm
 
 from imagen_jax.errors import UserError
-from imagen_jax.eval import inception
+from imagen_jax.eval.nets import inception
 from imagen_jax.eval import weights as weights_lib
 
 # Tag of the preprocessing in cached statistics: changing the pipeline must change it.

@@ -20,8 +20,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from imagen_jax.errors import UserError
-from imagen_jax.eval import clip
-from imagen_jax.eval.clip_tokenizer import (BOS, EOS, CLIPTokenizer, TokenizerFileError,
+from imagen_jax.eval.nets import clip
+from imagen_jax.eval.nets.clip_tokenizer import (BOS, EOS, CLIPTokenizer, TokenizerFileError,
                                             bytes_to_unicode, read_merges, vocab_from_merges)
 from imagen_jax.text.hf_files import CheckpointError
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from imagen_jax.errors import UserError
 from imagen_jax.eval import clip_score as cs
-from imagen_jax.eval.clip_tokenizer import TokenizerFileError
+from imagen_jax.eval.nets.clip_tokenizer import TokenizerFileError
 
 FIX = "tests/fixtures/eval"
 TINY = f"{FIX}/clip_tiny"

@@ -27,7 +27,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from imagen_jax.eval import fid, inception, torch_files, weights
+from imagen_jax.eval import fid, weights
+from imagen_jax.eval.nets import inception, torch_files
 
 GOLDEN = "tests/fixtures/eval/inception_golden.npz"
 TORCH_FILES = "tests/fixtures/eval/torch_files"
@@ -236,7 +237,7 @@ def test_wrong_tensors_are_named(ts_tensors, tmp_path, monkeypatch):
     inception.load_inception(str(fake))
 
 
-# --- imagen_jax.eval.torch_files ------------------------------------------------------------
+# --- imagen_jax.eval.nets.torch_files ------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

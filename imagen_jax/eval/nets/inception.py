@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 
 from imagen_jax.errors import UserError
-from imagen_jax.eval import torch_files, weights
+from imagen_jax.eval import weights
+from imagen_jax.eval.nets import torch_files
 
 Array = jax.Array
 

@@ -19,7 +19,7 @@ holding that id (position 0 if none does).
 
 Loaders: `load_clip_hf(dir)` reads a Hugging Face CLIPModel directory (config.json +
 model.safetensors, sharded or not); `load_clip_openai(file)` reads OpenAI's original .pt
-files (TorchScript, fp16) through imagen_jax.eval.torch_files, without torch. Both report
+files (TorchScript, fp16) through imagen_jax.eval.nets.torch_files, without torch. Both report
 every missing, unexpected or misshaped tensor by name (hf_files.check_tensors).
 
 Parameters are float32 with logical axis names (as in imagen_jax.models.layers); `dtype`
@@ -515,8 +515,8 @@ def load_clip_openai(path: str | os.PathLike, *, dtype: str = "float32",
                      head_dim: int = 64) -> CLIPModel:
   """A CLIPModel from one of OpenAI's original checkpoint files (`clip.load`'s ViT-B-32.pt,
   ViT-B-16.pt, ViT-L-14.pt: TorchScript, fp16 weights) or a torch.save of such a state
-  dict, read without torch (imagen_jax.eval.torch_files). Weights are cast to float32."""
-  from imagen_jax.eval import torch_files  # pylint: disable=g-import-not-at-top
+  dict, read without torch (imagen_jax.eval.nets.torch_files). Weights are cast to float32."""
+  from imagen_jax.eval.nets import torch_files  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   tensors = torch_files.read_torch_archive(path)
   # A {"state_dict": ...} wrapper or a DataParallel module flattens with a prefix.
