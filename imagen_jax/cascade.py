@@ -54,8 +54,9 @@ class CascadeError(UserError):
 
 
 WEIGHTS = ("ema", "params")
-_AUG_RANGES = {"t": "a time, so within [0, 1]", "logsnr": "a log-SNR, so a finite number",
-               "sigma": "the std of the added noise, so within (0, 1)"}
+# What each form of an augmentation level is, for messages (t, logsnr, sigma).
+AUG_RANGES = {"t": "a time, so within [0, 1]", "logsnr": "a log-SNR, so a finite number",
+              "sigma": "the std of the added noise, so within (0, 1)"}
 
 
 def aug_value_ok(value: Any, form: str) -> bool:
@@ -71,11 +72,7 @@ def aug_value_ok(value: Any, form: str) -> bool:
 
 def check_aug_level(c: config_schema.Checker, name: str, form: str) -> None:
   if not aug_value_ok(getattr(c.obj, name), form):
-    raise c.error(name, f"is an augmentation level given as {_AUG_RANGES[form]}")
-
-
-def aug_levels_problem(form: str) -> str:
-  return f"must list augmentation levels, each {_AUG_RANGES[form]}"
+    raise c.error(name, f"is an augmentation level given as {AUG_RANGES[form]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +100,7 @@ class SampleSettings:
   num_stages: int
 
   def check(self, c: config_schema.Checker) -> None:
-    c.text("prompts_file")
+    c.string("prompts_file")
     c.integer("batch_size", minimum=1)
     c.integer("seed")
     n = c.integer("num_stages")

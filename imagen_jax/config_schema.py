@@ -168,13 +168,13 @@ class Checker:
       raise self.error(name, f"must be {need}" + (f" {why}" if why else ""))
     return value
 
-  def text(self, name: str, *, nonempty: bool = False) -> str:
+  def string(self, name: str, *, nonempty: bool = False) -> str:
     value = getattr(self.obj, name)
     if not isinstance(value, str) or (nonempty and not value):
       raise self.error(name, "must be a non-empty string" if nonempty else "must be a string")
     return value
 
-  def flag_bool(self, name: str) -> bool:
+  def boolean(self, name: str) -> bool:
     value = getattr(self.obj, name)
     if not isinstance(value, bool):
       raise self.error(name, "must be True or False")

@@ -47,7 +47,7 @@ class ImageDataSettings:
 
   def check(self, c: config_schema.Checker) -> None:
     dataset = c.one_of("dataset", DATASETS)
-    c.text("data_dir")
+    c.string("data_dir")
     resolution = c.integer("resolution", minimum=8)
     if self.low_resolution is not None:
       low = c.integer("low_resolution", minimum=1)

@@ -76,10 +76,6 @@ class SamplerSettings:
     if self.s_tmin is not None and self.s_tmax is not None and self.s_tmin > self.s_tmax:
       raise c.error("s_tmin", f"must not exceed {c.key('s_tmax')}={self.s_tmax}")
 
-  def options(self) -> dict[str, float]:
-    """The method options the config sets."""
-    return {k: getattr(self, k) for k in option_names() if getattr(self, k) is not None}
-
 
 def option_names() -> tuple[str, ...]:
   """The sampler option fields (every numeric option of samplers.METHOD_KWARGS)."""

@@ -167,7 +167,7 @@ class ScoringSettings:
     if limit < 0 or limit == 1:
       raise c.error("reference_limit", "must be 0 (all) or >= 2 (covariances)")
     for name in ("clip", "inception", "cache_dir"):
-      c.text(name)
+      c.string(name)
     c.one_of("text_metric", CHOICES)
 
 

@@ -89,8 +89,8 @@ class CascadeEvalSettings(evaluators.ScoringSettings):
     levels = self.aug_levels
     if not isinstance(levels, (tuple, list)) or not all(
         cascade_lib.aug_value_ok(v, form) for v in levels):
-      raise c.error("aug_levels", cascade_lib.aug_levels_problem(form) +
-                    f" ({c.key('aug_level_kind')}={form!r})",
+      raise c.error("aug_levels", "must list augmentation levels, each "
+                    f"{cascade_lib.AUG_RANGES[form]} ({c.key('aug_level_kind')}={form!r})",
                     fix=f"pass e.g. {c.flag('aug_levels')}='(0.1, 0.2, 0.3)' (times t), "
                         "or () for each stage's own level")
     if levels and stage == 0:
@@ -98,8 +98,8 @@ class CascadeEvalSettings(evaluators.ScoringSettings):
                     f"{tuple(levels)}) acts on the SR stages, but FID is measured on the "
                     "base stage, which they do not touch",
                     fix=f"pass {c.flag('fid_stage')}=1 (or {c.flag('aug_levels')}='()')")
-    c.text("data_dir")
-    c.flag_bool("cascade_samples")
+    c.string("data_dir")
+    c.boolean("cascade_samples")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -60,8 +60,8 @@ class TextSettings:
     c.integer("text_batch_size", minimum=1)
     c.one_of("text_dtype", TEXT_DTYPES)
     c.one_of("cache_dtype", CACHE_DTYPES)
-    c.text("embedding_cache")
-    tokenizer = c.text("text_tokenizer")
+    c.string("embedding_cache")
+    tokenizer = c.string("text_tokenizer")
     if tokenizer and not os.path.isfile(tokenizer):
       raise c.error("text_tokenizer", "no such file",
                     fix="pass the path of a spiece.model or tokenizer.json, or '' for the "
@@ -73,7 +73,7 @@ class TextSettings:
         raise config_schema.ConfigError(
             "model.text_dim", text_dim, f"{c.key('text_encoder')}={self.text_encoder!r} gives "
             f"{width}-d embeddings", fix=f"pass --config.model.text_dim={width}")
-    captions = c.text("captions_file")
+    captions = c.string("captions_file")
     if captions and not os.path.isfile(captions):
       raise c.error("captions_file", "no such file",
                     fix="pass a text file with one caption per line, or '' to encode the "

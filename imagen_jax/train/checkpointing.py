@@ -69,7 +69,7 @@ class CheckpointSettings:
     c.integer("every", minimum=1)
     c.integer("keep", minimum=1)
     c.integer("keep_every", minimum=0, why="(0 keeps only the newest ckpt.keep)")
-    c.flag_bool("async_save")
+    c.boolean("async_save")
 
 
 class CheckpointError(UserError):

@@ -78,7 +78,7 @@ class TrainSettings:
     c.number("time_limit_s", low=0.0)
     if not (config_schema.is_number(self.text_drop_prob) and 0 <= self.text_drop_prob <= 1):
       raise c.error("text_drop_prob", "is a probability, so within [0, 1]")
-    c.flag_bool("antithetic")
+    c.boolean("antithetic")
 
 
 class DivergedError(UserError, RuntimeError):
