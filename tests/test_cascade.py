@@ -201,6 +201,20 @@ def test_cascade_configs_validate():
     config_checks.validate(demo, "sample")
 
 
+def test_the_shipped_base_stage_loads_and_is_small():
+  # `make demo` samples it (configs/cascade.py:shipped); assets/README.md says how it was
+  # made. Under 5 MB (float16 weights) so the repo stays light; a 32 px base stage
+  # trained past the study.
+  from imagen_jax import config_checks, config_files  # pylint: disable=g-import-not-at-top
+  config = config_files.load("configs/cascade.py", "shipped")
+  config_checks.validate(config, "sample")
+  path = os.path.join(REPO, config.stages[0])
+  assert os.path.getsize(path) < 5 * 10**6
+  stage = cascade_lib.load_stage(path)
+  assert stage.config.kind == "base" and stage.resolution == 32 and stage.step >= 4000
+  assert stage.config.diffusion.target == "v" and stage.weights.startswith("ema")
+
+
 def test_sampling_a_cascade_does_not_import_the_trainer():
   # Inference reads checkpoints (train.checkpointing, train.state for their structure) but
   # must not load the training loop, the train step or the training log.
@@ -227,6 +241,13 @@ def test_an_exported_stage_samples_as_its_checkpoint(stages, tmp_path):
   one = cascade_lib.Cascade([stage]).generate(["rocket"], seed=3, progress=False)
   two = cascade_lib.Cascade([again]).generate(["rocket"], seed=3, progress=False)
   np.testing.assert_array_equal(one.images[0], two.images[0])
+  # float16 storage: about half the file, each weight rounded once to float16 and read
+  # back as the network's float32.
+  half = cascade_lib.load_stage(export.save(stage, str(tmp_path / "half.npz"), dtype="float16"))
+  assert os.path.getsize(tmp_path / "half.npz") < 0.6 * os.path.getsize(path)
+  for a, b in zip(jax.tree.leaves(stage.params), jax.tree.leaves(half.params)):
+    assert b.dtype == a.dtype
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(a).astype(np.float16).astype(a.dtype))
   # A file that is not an export says how to make one.
   bad = tmp_path / "bad.npz"
   bad.write_bytes(b"not a zip")
