@@ -64,10 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 kid_subset_size=1000, clip="", inception="", cache_dir="", grid_size=64,
                 text_metric="auto",
                 grid_seed=0,
-                prompts=("grinning face, twemoji style", "smiling face with heart-eyes, "
-                         "openmoji style", "red heart, twemoji style", "red apple, openmoji "
-                         "style", "banana, twemoji style", "flag: japan, twemoji style",
-                         "rocket, twemoji style", "cat face, openmoji style"),
+                prompts=common.GRID_PROMPTS,
                 alignment=dict(train_limit=0, dim=256, steps=1500, batch_size=512, lr=1e-3,
                                weight_decay=1e-4, candidates=100, seed=0))
 

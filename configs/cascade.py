@@ -28,9 +28,12 @@ log-SNRs or sigmas. It writes results.csv, results.md (one row per weight and le
 the FID-vs-alignment plot, a sample grid per row and report.md.
 
 Variants (after the colon):
-  demo   what `make demo` evaluates: the three runs/demo stages (64 -> 256 -> 1024)
-  emoji  the emoji research configs' workdirs (runs/base64, runs/sr256, runs/sr1024)
-  smoke  for tests: stage paths are given with --config.stages
+  demo     what `make demo` evaluates: the three runs/demo stages (64 -> 256 -> 1024)
+  shipped  the 32 px base stage the repo ships (assets/emoji32_base.npz, trained by the
+           noise-schedule study's recipe for longer; assets/README.md says how), sampled
+           by `make demo` from the study's eight fixed prompts
+  emoji    the emoji research configs' workdirs (runs/base64, runs/sr256, runs/sr1024)
+  smoke    for tests: stage paths are given with --config.stages
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-VARIANTS = ("demo", "emoji", "smoke")
+from configs import common
+
+VARIANTS = ("demo", "shipped", "emoji", "smoke")
+
+# The base stage the repo ships, relative to the repository root (where launch.py runs).
+SHIPPED_BASE = "assets/emoji32_base.npz"
 
 
 def _overrides() -> ml_collections.ConfigDict:
@@ -93,6 +101,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.update(guidance_weights=(1.0, 3.0), num_images=48, reference_limit=200,
                   alignment=dict(train_limit=400, dim=128, steps=600, batch_size=256,
                                  lr=1e-3, weight_decay=1e-4, candidates=100, seed=0))
+  elif variant == "shipped":
+    c.stages = (SHIPPED_BASE,)
+    # Four samples of each prompt (each its own noise), none picked by hand.
+    c.sample.update(prompts=tuple(p for p in common.GRID_PROMPTS for _ in range(4)),
+                    batch_size=8)
   elif variant == "smoke":
     c.stages = ()
     c.sample.update(batch_size=4)

@@ -17,6 +17,12 @@ import ml_collections
 # The log's (and the stage eval's) sample prompts.
 PROMPTS = ("grinning face, twemoji style", "red apple, openmoji style",
            "rocket, twemoji style", "cat face, openmoji style")
+# The stage eval's fixed grid prompts (the noise-schedule study's grids, and what
+# `make demo` samples from the shipped stage: configs/cascade.py:shipped).
+GRID_PROMPTS = ("grinning face, twemoji style", "smiling face with heart-eyes, openmoji style",
+                "red heart, twemoji style", "red apple, openmoji style",
+                "banana, twemoji style", "flag: japan, twemoji style",
+                "rocket, twemoji style", "cat face, openmoji style")
 
 
 def noise_aug() -> dict[str, Any]:
