@@ -4,7 +4,7 @@
   builder.download_and_prepare()
   ds = builder.as_data_source("train")  # ds[i]: image uint8 [64, 64, 3], caption, id (bytes)
 
-Layouts, detected in the source folder or in each split sub-folder:
+Layouts, (a) and (b) detected in the source folder or in each split sub-folder:
   a) caption files: each image has a `.txt` of the same stem beside it (`cats/cat.jpg` +
      `cats/cat.txt`), at any depth. The caption is the file's text, stripped.
   b) a manifest (Hugging Face imagefolder convention): `metadata.jsonl`, one JSON object per
@@ -12,22 +12,33 @@ Layouts, detected in the source folder or in each split sub-folder:
      relative to the folder, and `caption` (or `text`). An image may sit on several rows, and a
      JSONL caption may be a list (COCO's five captions): one example per caption. When a folder
      holds a manifest, its .txt files are ignored.
+  c) MS-COCO captions, at the top of source_dir only: COCO's annotations_trainval<year>.zip
+     and val<year>.zip (and/or train<year>.zip) unzipped side by side, year 2014 or 2017:
+     `annotations/captions_val2014.json` + `val2014/` become "validation",
+     `annotations/captions_train2014.json` + `train2014/` become "train"; either may be absent
+     (FID-30K needs only val). One example per annotation (~5 per image), as a manifest row
+     with a list of captions; an annotation file whose image folder is missing is an error.
+     Both years at once are refused: 2017 re-splits 2014's images (train2017 holds most of
+     val2014), so mixing them could put an image on both sides. Other files are ignored.
 Split sub-folders `train/`, `validation/` (or `valid/`, `val/`) and `test/` at the top of
-source_dir become those splits, each in either layout. Without them everything is "train".
+source_dir become those splits, each in layout a or b. Without them everything is "train".
 `test_fraction` > 0 moves that fraction of "train" to "test" by a hash of the id: an image
 lands on the same side whatever else is in the folder, and all its captions stay together.
+In layout c it splits COCO's train the same way (validation stays whole: it is the split
+FID is measured on); with no train annotations it is an error, not silently ignored.
 
 Features: image (PNG, R x R x 3), caption, id (the image's path relative to source_dir, with
-"/"). An image with several captions gives several examples with one id; TFDS keys add "#n".
-Examples are written in sorted id order (shuffling is the input pipeline's job), so a build
-is reproducible from the folder alone.
+"/", e.g. "val2014/COCO_val2014_000000000042.jpg"). An image with several captions gives
+several examples with one id; TFDS keys add "#n". Examples are written in sorted id order
+(shuffling is the input pipeline's job), so a build is reproducible from the folder alone.
 
 Nothing in the data stops a build halfway: each item in SKIP_REASONS is skipped and counted.
 The counts land in `builder.info.metadata["skipped"]` (every reason, zeros included), up to
 five example ids per reason in `metadata["skipped_examples"]`, and an absl warning. Image
 reasons count image files (one broken image with five captions is one), caption and row
-reasons count captions and manifest rows. Only a missing folder, an ambiguous layout, or a
-split left with no usable example is an error.
+reasons count captions and manifest rows (COCO: annotations; its missing_file counts images).
+Only a missing folder, an ambiguous layout, a COCO captions file that is not COCO's JSON, or
+a split left with no usable example is an error.
 
 Images (`load_image`): EXIF orientation applied; an embedded ICC profile converted to sRGB;
 16-bit greyscale scaled to 8 bits (Pillow's own convert would clip it); any mode to RGB, with
@@ -69,6 +80,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 MANIFESTS = ("metadata.jsonl", "metadata.csv")
 FILE_KEYS = ("file_name", "image")
 CAPTION_KEYS = ("caption", "text")
+# COCO: annotations/captions_<split><year>.json beside the image folder <split><year>/.
+COCO_ANNOTATIONS = re.compile(r"captions_(train|val)(2014|2017)\.json")
+COCO_SPLITS = {"train": "train", "val": "validation"}
 SPLIT_DIRS = {"train": "train", "validation": "validation", "valid": "validation",
               "val": "validation", "test": "test"}
 RESIZE_MODES = ("center_crop", "pad")
@@ -80,8 +94,10 @@ SKIP_REASONS = {
     "empty_caption": "the caption is empty or only whitespace",
     "unreadable_caption": "the caption file is not UTF-8 text",
     "bad_manifest_row": ("a manifest row that is not JSON, lacks file_name/caption, has a "
-                         "non-string caption, or names a path outside its folder"),
-    "missing_file": "a manifest row naming a file that does not exist",
+                         "non-string caption, or names a path outside its folder; a COCO "
+                         "annotation whose image_id is not in \"images\" (or whose entry "
+                         "there lacks a plain file_name) or whose caption is not a string"),
+    "missing_file": "a manifest row or COCO image entry naming a file that does not exist",
     "unreadable_image": "a corrupt, truncated, zero-byte or non-image file",
     "too_large": "more pixels than PIL.Image.MAX_IMAGE_PIXELS (decompression-bomb guard)",
     "too_small": "shorter side below the config's min_size",
@@ -91,7 +107,8 @@ SKIP_REASONS = {
 LAYOUT_HELP = (
     "Expected images with a caption file of the same stem (cat.jpg + cat.txt, any depth), or a "
     "metadata.jsonl / metadata.csv manifest with file_name and caption columns (paths relative "
-    "to the folder); optionally inside train/, validation/ and test/ sub-folders.")
+    "to the folder); optionally inside train/, validation/ and test/ sub-folders. Or MS-COCO "
+    "unzipped as is: annotations/captions_val2014.json beside val2014/ (and/or train, 2017).")
 
 
 class UnusableImageError(ValueError):
@@ -337,13 +354,19 @@ def _scan_manifest(folder: str, manifest: str, source_dir: str,
     if not os.path.isfile(image):
       skips.add("missing_file", rel)
       continue
-    for c in captions:
-      if not c.strip():
-        skips.add("empty_caption", rel)
-        continue
-      examples.append(_Example(rel, seen[rel], image, c.strip()))
-      seen[rel] += 1
+    _add_captions(examples, seen, rel, image, captions, skips)
   return examples
+
+
+def _add_captions(examples: list[_Example], seen: collections.Counter, rel: str, path: str,
+                  captions: Iterable[str], skips: _Skips) -> None:
+  """Appends one example per non-empty caption of `path`, numbered on from seen[rel]."""
+  for c in captions:
+    if not c.strip():
+      skips.add("empty_caption", rel)
+      continue
+    examples.append(_Example(rel, seen[rel], path, c.strip()))
+    seen[rel] += 1
 
 
 def _scan_folder(folder: str, source_dir: str, skips: _Skips) -> tuple[str, list[_Example]]:
@@ -354,6 +377,73 @@ def _scan_folder(folder: str, source_dir: str, skips: _Skips) -> tuple[str, list
   if manifests:
     return manifests[0], _scan_manifest(folder, manifests[0], source_dir, skips)
   return "caption_files", _scan_caption_files(folder, source_dir, skips)
+
+
+def _coco_annotations(src: str) -> dict[str, tuple[str, str]]:
+  """{split: (captions json, image folder)} of a COCO folder (layout c); {} if it is not one."""
+  folder = os.path.join(src, "annotations")
+  if not os.path.isdir(folder):
+    return {}
+  found = [m for m in map(COCO_ANNOTATIONS.fullmatch, sorted(os.listdir(folder)))
+           if m and os.path.isfile(os.path.join(folder, m[0]))]
+  if len({m[2] for m in found}) > 1:
+    raise ValueError(
+        f"{folder} holds captions of two years ({', '.join(m[0] for m in found)}); keep one "
+        "year's files there. 2017 re-splits 2014's images (train2017 holds most of val2014), "
+        "so mixing years could put one image in two splits.")
+  return {COCO_SPLITS[m[1]]: (os.path.join(folder, m[0]), os.path.join(src, m[1] + m[2]))
+          for m in found}
+
+
+def _coco_json(path: str) -> tuple[list[Any], list[Any]]:
+  """The "images" and "annotations" lists of a COCO captions file; ValueError if malformed."""
+  expected = ('expected COCO captions as in annotations_trainval2014.zip: {"images": [{"id", '
+              '"file_name"}, ...], "annotations": [{"image_id", "caption"}, ...]}')
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      data = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: e.g. a half-extracted zip.
+    raise ValueError(f"{path} is not JSON ({e}); {expected}.") from e
+  if not (isinstance(data, dict) and isinstance(data.get("images"), list)
+          and isinstance(data.get("annotations"), list)):
+    raise ValueError(f'{path} lacks an "images" or "annotations" list; {expected}.')
+  return data["images"], data["annotations"]
+
+
+def _is_coco_id(value: Any) -> bool:
+  return isinstance(value, (int, str)) and not isinstance(value, bool)  # hashable, JSON-typed
+
+
+def _scan_coco(annotations: str, image_dir: str, source_dir: str,
+               skips: _Skips) -> list[_Example]:
+  """Layout c: one example per annotation, like a manifest row listing an image's captions."""
+  where = _rel_id(annotations, source_dir)
+  images, rows = _coco_json(annotations)
+  files: dict[int | str, str] = {}  # image id -> path; entries without a plain name left out
+  for im in images:
+    name = im.get("file_name") if isinstance(im, dict) else None
+    if isinstance(name, str) and name and _is_coco_id(im.get("id")):
+      name = os.path.normpath(name)
+      if not os.path.isabs(name) and name.split(os.sep)[0] != "..":
+        files[im["id"]] = os.path.join(image_dir, name)
+  captions: dict[int | str, list[str]] = collections.defaultdict(list)  # in file order
+  for i, row in enumerate(rows):
+    image_id = row.get("image_id") if isinstance(row, dict) else None
+    caption = row.get("caption") if isinstance(row, dict) else None
+    if not (_is_coco_id(image_id) and image_id in files and isinstance(caption, str)):
+      skips.add("bad_manifest_row", f"{where}:annotations[{i}]")
+      continue
+    captions[image_id].append(caption)
+  examples: list[_Example] = []
+  seen = collections.Counter()
+  for image_id, texts in captions.items():
+    path = files[image_id]
+    rel = _rel_id(path, source_dir)
+    if not os.path.isfile(path):
+      skips.add("missing_file", rel)  # once per image, however many captions it has
+      continue
+    _add_captions(examples, seen, rel, path, texts, skips)
+  return examples
 
 
 def held_out_fraction(image_id: str) -> float:
@@ -377,11 +467,33 @@ def _plan(cfg: ImageTextFolderConfig) -> tuple[_Splits, dict[str, str], _Skips]:
                          f"{os.path.basename(split_dirs[split])}/ and {name}/; merge them.")
       split_dirs[split] = os.path.join(src, name)
 
+  coco = _coco_annotations(src)
+  origins = {**split_dirs, **{s: ann for s, (ann, _) in coco.items()}}  # for error messages
+  root_manifests = [m for m in MANIFESTS if os.path.isfile(os.path.join(src, m))]
+
   skips = _Skips()
   splits: dict[str, list[_Example]] = {}
   layouts: dict[str, str] = {}
-  if split_dirs:
-    root_manifests = [m for m in MANIFESTS if os.path.isfile(os.path.join(src, m))]
+  if coco:
+    others = [os.path.basename(d) + "/" for d in split_dirs.values()] + root_manifests
+    if others:
+      raise ValueError(f"{src} holds COCO caption annotations and {', '.join(others)}: two "
+                       "layouts in one folder. Give the COCO files (annotations/, train2014/, "
+                       "val2014/...) a folder of their own.")
+    if cfg.test_fraction and "train" not in coco:
+      raise ValueError(f"test_fraction={cfg.test_fraction} holds out part of COCO's train, but "
+                       f"{src}/annotations has no captions_train*.json; use test_fraction=0 "
+                       "(validation is COCO's own held-out split).")
+    for ann, images in coco.values():  # All folders first: fail before parsing big files.
+      if not os.path.isdir(images):
+        name = os.path.basename(images)
+        raise FileNotFoundError(
+            f"{ann} is there but its images are not: unzip {name}.zip into {src} so that "
+            f"{images}/ holds them, or move {os.path.basename(ann)} away to drop that split.")
+    for split, (ann, images) in sorted(coco.items()):
+      layouts[split] = _rel_id(ann, src)
+      splits[split] = _scan_coco(ann, images, src, skips)
+  elif split_dirs:
     if root_manifests:
       raise ValueError(f"{src} has split folders and a top-level {root_manifests[0]}; put one "
                        "manifest inside each split folder, paths relative to it.")
@@ -407,7 +519,7 @@ def _plan(cfg: ImageTextFolderConfig) -> tuple[_Splits, dict[str, str], _Skips]:
   for split, examples in splits.items():
     if not examples:
       where = (f"test_fraction={cfg.test_fraction} of {len(splits['train'])} train examples"
-               if split == "test" and cfg.test_fraction else split_dirs.get(split, src))
+               if split == "test" and cfg.test_fraction else origins.get(split, src))
       raise ValueError(f"Split {split!r} has no usable examples ({where}; {skips.summary()}). "
                        "Add images, or drop the split. " + LAYOUT_HELP)
     examples.sort(key=lambda e: (e.id, e.n))
