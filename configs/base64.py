@@ -57,12 +57,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # noise at every step: seed) at `guidance` and scored by FID (bootstrap interval over
   # `bootstrap` resamples), KID (kid_subsets subsets of kid_subset_size) and the offline
   # alignment score (or CLIP score with `clip` weights; text_metric names the evaluator,
-  # imagen_jax/eval/evaluators.py) against reference_limit (0 = all)
-  # held-out images; `prompts` are sampled from grid_seed into a grid per step.
+  # imagen_jax/eval/evaluators.py; clip_model: the CLIP the weights must be, "any" for
+  # another) against reference_limit (0 = all) held-out images, resized for Inception by
+  # fid_resize ("pytorch_fid" or "clean_fid", imagen_jax/eval/fid.py); `prompts` are
+  # sampled from grid_seed into a grid per step.
   c.eval = dict(steps=(), num_images=500, seed=1234, guidance=3.0, weights="ema",
                 batch_size=64, reference_limit=0, bootstrap=200, kid_subsets=100,
                 kid_subset_size=1000, clip="", inception="", cache_dir="", grid_size=64,
-                text_metric="auto",
+                text_metric="auto", fid_resize="pytorch_fid", clip_model="ViT-L/14",
                 grid_seed=0,
                 prompts=common.GRID_PROMPTS,
                 alignment=dict(train_limit=0, dim=256, steps=1500, batch_size=512, lr=1e-3,

@@ -33,6 +33,16 @@ Variants (after the colon):
            noise-schedule study's recipe for longer; assets/README.md says how), sampled
            by `make demo` from the study's eight fixed prompts
   emoji    the emoji research configs' workdirs (runs/base64, runs/sr256, runs/sr1024)
+  coco     zero-shot COCO FID-30K as Imagen reports it: 30,000 captions of distinct
+           MS-COCO val2014 images (one caption per image, fixed seed) sampled through the
+           base and 64->256 stages at guidance 1.35 (base) and 8.0 (SR), FID at 256 px
+           against every val2014 image center-cropped to 256 px (statistics cached), CLIP
+           score with ViT-L/14. Needs the COCO folder built first (README, Evaluation) and
+           --config.eval.source_dir=/path/to/coco --config.eval.clip=/path/to/clip
+  imagen_sweeps  Imagen's guidance grid (configs/common.py) swept at the base stage and,
+           separately, at the 64->256 stage, both scored at 256 px: two Pareto curves
+  imagen_aug     the base grid at each SR sampling augmentation level t in
+           (0, 0.1, 0.2, 0.3): one Pareto curve per level
   smoke    for tests: stage paths are given with --config.stages
 """
 
@@ -43,7 +53,7 @@ from ml_collections.config_dict import placeholder
 
 from configs import common
 
-VARIANTS = ("demo", "shipped", "emoji", "smoke")
+VARIANTS = ("demo", "shipped", "emoji", "coco", "imagen_sweeps", "imagen_aug", "smoke")
 
 # The base stage the repo ships, relative to the repository root (where launch.py runs).
 SHIPPED_BASE = "assets/emoji32_base.npz"
@@ -84,11 +94,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # sampling augmentation levels to sweep (() = each stage's own; needs fid_stage >= 1),
   # every SR stage up to fid_stage sampled at each, given as aug_level_kind "t" (a time
   # of each stage's augmentation schedule), "logsnr" or "sigma"; it replaces
-  # stageK.aug_* for those stages.
+  # stageK.aug_* for those stages. sr_guidance_weights: a second sweep, of the SR stages'
+  # guidance (base at its own; needs fid_stage >= 1); the plot draws one curve per sweep.
+  # The reference data is stage fid_stage's own unless dataset / source_dir / data_dir /
+  # train_split / eval_split ("" = the stage's) say otherwise (the coco variant).
+  # fid_resize: "pytorch_fid" or "clean_fid" (imagen_jax/eval/fid.py); clip_model: the CLIP
+  # eval.clip must hold ("ViT-L/14", "ViT-B/32", "ViT-B/16"; "any" for another).
   c.eval = dict(guidance_weights=(1.0, 3.0, 5.0), aug_levels=(), aug_level_kind="t",
-                num_images=1000, seed=1234, fid_stage=0,
-                batch_size=64, reference_limit=0, data_dir="", clip="", inception="",
-                text_metric="auto",
+                sr_guidance_weights=(), num_images=1000, seed=1234, fid_stage=0,
+                batch_size=64, reference_limit=0, data_dir="", dataset="", source_dir="",
+                train_split="", eval_split="", clip="", inception="",
+                text_metric="auto", fid_resize="pytorch_fid", clip_model="ViT-L/14",
                 grid_size=16, cascade_samples=True, cache_dir="",
                 alignment=dict(train_limit=0, dim=256, steps=1500, batch_size=512, lr=1e-3,
                                weight_decay=1e-4, candidates=100, seed=0))
@@ -106,6 +122,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Four samples of each prompt (each its own noise), none picked by hand.
     c.sample.update(prompts=tuple(p for p in common.GRID_PROMPTS for _ in range(4)),
                     batch_size=8)
+  elif variant == "coco":
+    c.stages = ("runs/base64", "runs/sr256")
+    c.sample.update(num_stages=2)
+    c.eval.update(guidance_weights=(1.35,), fid_stage=1, num_images=30000, seed=2014,
+                  reference_limit=0, dataset="image_text_folder", eval_split="validation",
+                  train_split="train", text_metric="clip_score", clip_model="ViT-L/14",
+                  cascade_samples=False)
+  elif variant in ("imagen_sweeps", "imagen_aug"):
+    c.stages = ("runs/base64", "runs/sr256")
+    c.sample.update(num_stages=2)
+    c.eval.update(guidance_weights=common.IMAGEN_GUIDANCE_GRID, fid_stage=1,
+                  cascade_samples=False)
+    if variant == "imagen_sweeps":
+      c.eval.sr_guidance_weights = common.IMAGEN_GUIDANCE_GRID
+    else:
+      c.eval.aug_levels = (0.0, 0.1, 0.2, 0.3)
   elif variant == "smoke":
     c.stages = ()
     c.sample.update(batch_size=4)
@@ -118,4 +150,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # longer cascade lists its stages in a variant, which gives it stage3, stage4, ...
   for k in range(max(3, len(c.stages))):
     c[f"stage{k}"] = _overrides()
+  if variant == "coco":
+    # The weights Imagen reports for its zero-shot COCO FID-30K; both are stage settings,
+    # so --config.stage0.guidance / --config.stage1.guidance change them.
+    c.stage0.guidance, c.stage1.guidance = 1.35, 8.0
   return c

@@ -25,6 +25,11 @@ GRID_PROMPTS = ("grinning face, twemoji style", "smiling face with heart-eyes, o
                 "rocket, twemoji style", "cat face, openmoji style")
 
 
+# Imagen's guidance-weight grid (Saharia et al. 2022, Fig. 4 and A.11): the base-stage and
+# SR-stage sweeps of configs/cascade.py:imagen_sweeps use it.
+IMAGEN_GUIDANCE_GRID = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
+
+
 def noise_aug() -> dict[str, Any]:
   """SR stages: noise conditioning augmentation of the low-res input (Imagen sec. 2.5).
 

@@ -299,6 +299,24 @@ def _fmt(mean: float, half: float) -> str:
   return f"{mean:.{digits}f}" + ("" if np.isnan(half) else f" ± {half:.{digits}f}")
 
 
+def protocol_lines(results: list[tuple[Run, dict[str, Any]]]) -> list[str]:
+  """The evaluation protocol the arms' results record (resize, N, Inception and CLIP
+  hashes; imagen_jax/eval/evaluators.py): one line when the arms share it, else a warning
+  listing each, since their numbers are then not comparable."""
+  seen: dict[str, list[str]] = {}
+  for run, res in results:
+    if res.get("protocol"):
+      line = "; ".join(f"{k} `{v}`" for k, v in res["protocol"].items())
+      seen.setdefault(line, []).append(f"{run.arm}/seed{run.seed}")
+  if not seen:
+    return []
+  if len(seen) == 1:
+    return [f"Protocol: {next(iter(seen))}.", ""]
+  return (["**The runs were evaluated under different protocols; their numbers are not "
+           "comparable:**", ""] + [f"- {', '.join(who)}: {line}" for line, who in seen.items()]
+          + [""])
+
+
 def collate(sweep: dict[str, Any], runs: list[Run], out: str, spec: str) -> str:
   """Writes the table, CSVs and plots of the finished runs to `out`; returns the table."""
   results = read_results(sweep, runs)
@@ -387,7 +405,7 @@ def collate(sweep: dict[str, Any], runs: list[Run], out: str, spec: str) -> str:
   for label, name in grids:
     images += ["", f"{label}:", "", f"![{name}]({name})"]
   text = "\n".join(head + [table, ""] + ([", ".join(floors) + ".", ""] if floors else [])
-                   + images) + "\n"
+                   + protocol_lines(results) + images) + "\n"
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write(text)
   return table

@@ -103,11 +103,116 @@ def test_eval_sweeps_the_sr_aug_level(setup):
   assert rows[0]["fid"] != rows[1]["fid"]                 # the level reached the sampler
   with open(os.path.join(workdir, "results.csv")) as f:
     table = list(csv.DictReader(f))
-  assert list(table[0])[:5] == ["guidance", "aug_t", "aug_logsnr", "aug_sigma", "fid"]
+  assert list(table[0])[:7] == ["sweep", "guidance", "sr_guidance", "aug_t", "aug_logsnr",
+                                "aug_sigma", "fid"]
   assert [float(r["aug_sigma"]) for r in table] == pytest.approx([0.2, 0.6])
   assert "| aug_t | aug_logsnr | aug_sigma |" in open(os.path.join(workdir, "results.md")).read()
   report = open(os.path.join(workdir, "report.md")).read()
   assert "augmentation sweep" in report and "aug sigma=0.6" in report
+
+
+def test_eval_sweeps_the_sr_guidance_as_a_second_curve(setup):
+  root, stages = setup
+  config = _config(stages[:2])
+  config.eval.update(fid_stage=1, guidance_weights=(1.0, 3.0), sr_guidance_weights=(1.0, 5.0),
+                     cascade_samples=False)
+  workdir = str(root / "sr_guidance")
+  result = eval_job.run(config, workdir)
+  rows = result["rows"]
+  sr_own = rows[0]["sr_guidance"]  # the SR stage's own weight in the base sweep
+  assert [(r["sweep"], r["guidance"], r["sr_guidance"]) for r in rows] == [
+      ("guidance", 1.0, sr_own), ("guidance", 3.0, sr_own),
+      ("sr_guidance", rows[2]["guidance"], 1.0), ("sr_guidance", rows[2]["guidance"], 5.0)]
+  assert rows[2]["fid"] != rows[3]["fid"]  # the SR weight reached the sampler
+  assert os.path.isdir(os.path.join(workdir, "samples", "sr_guidance_5"))
+  curves = eval_job._series(rows, None)  # pylint: disable=protected-access
+  assert [len(v) for v in curves.values()] == [2, 2]
+  assert list(curves) == ["guidance sweep", "SR guidance sweep"]
+  assert os.path.isfile(os.path.join(workdir, "fid_vs_alignment.png"))
+  with pytest.raises(Exception, match="sr_guidance_weights"):
+    from imagen_jax import config_checks  # pylint: disable=g-import-not-at-top
+    config.eval.fid_stage = 0
+    config_checks.validate(config, "eval")
+
+
+def _tiny_coco(src, num_images=6, captions_per_image=2):
+  """An MS-COCO-format folder (annotations/captions_val2014.json + val2014/*.jpg) of small
+  distinct images with several captions each; no train split, as a user with only the
+  validation zips has."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  os.makedirs(os.path.join(src, "val2014"))
+  os.makedirs(os.path.join(src, "annotations"))
+  images, annotations = [], []
+  for i in range(1, num_images + 1):
+    name = f"COCO_val2014_{i:012d}.jpg"
+    pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(os.path.join(src, "val2014", name), quality=95)
+    images.append({"id": i, "file_name": name, "width": 40, "height": 30})
+    annotations += [{"id": 100 * i + k, "image_id": i, "caption": f"photo {i}, view {k}"}
+                    for k in range(captions_per_image)]
+  with open(os.path.join(src, "annotations", "captions_val2014.json"), "w") as f:
+    json.dump({"images": images, "annotations": annotations}, f)
+
+
+def test_coco_fid30k_protocol_on_a_tiny_coco_folder(setup):
+  # configs/cascade.py:coco with N scaled down: captions of distinct val images (one per
+  # image), samples from the 64->256 stage (here 16->32), FID against the val images built
+  # at that stage's resolution (each image once), CLIP score, and the protocol recorded.
+  from imagen_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from imagen_jax.eval import evaluators  # pylint: disable=g-import-not-at-top
+  root, stages = setup
+  src = str(root / "coco")
+  _tiny_coco(src)
+  config = config_files.load("configs/cascade.py", "coco")
+  config.stages = tuple(stages[:2])
+  clip_dir = os.path.join(REPO, "tests", "fixtures", "eval", "clip_tiny")
+  config.eval.update(num_images=4, batch_size=4, grid_size=4, source_dir=src,
+                     data_dir=str(root / "coco_tfds"), clip=clip_dir)
+  # The fixture CLIP is a tiny custom model: the ViT-L/14 default refuses it by name.
+  config_checks.validate(config, "eval")
+  ref_data = eval_job.reference_data(
+      cascade_lib_stage_data(stages[1]), config.eval)
+  assert (ref_data.dataset, ref_data.resolution, ref_data.eval_split) == (
+      "image_text_folder", 32, "validation")
+  datasets.make_builder(ref_data).download_and_prepare()
+  with pytest.raises(UserError, match=r"custom ViT.*clip_model"):
+    eval_job.run(config, str(root / "coco_l14"))
+  config.eval.clip_model = "any"
+  workdir = str(root / "coco_eval")
+  result = eval_job.run(config, workdir)
+  (row,) = result["rows"]
+  assert row["guidance"] == 1.35 and row["sr_guidance"] == 8.0 and row["sweep"] == "guidance"
+  assert np.isfinite(row["fid"]) and row["num_images"] == 4
+  assert np.isfinite(row["clip_score"])
+  # Six images with two captions each: the reference counts each image once.
+  assert result["reference_images"] == 6 and result["fid_floor"] is None
+  protocol = result["protocol"]
+  assert protocol["fid_resize"] == "pytorch_fid" and protocol["num_images"] == 4
+  assert protocol["reference_images"] == 6 and protocol["reference_split"] == "validation"
+  assert protocol["inception_weights"] == "default_1.pt"
+  assert len(protocol["inception_sha1"]) == 40
+  assert protocol["text_metric"] == "clip_score"
+  assert protocol["clip_model"].startswith("custom ViT") and len(protocol["clip_sha1"]) == 40
+  assert protocol["clip_weights"] == "model.safetensors"
+  # The prompts are captions of distinct images, one caption each.
+  with open(os.path.join(workdir, "samples", "guidance_1.35", "settings.json")) as f:
+    prompts = json.load(f)["prompts"]
+  photos = [p.split(",")[0] for p in prompts]
+  assert len(set(photos)) == len(prompts) == 4
+  for name in ("results.md", "report.md"):
+    text = open(os.path.join(workdir, name)).read()
+    assert "fid_resize `pytorch_fid`" in text and "CLIP score (custom ViT" in text, name
+  # clean-fid's resize is a recorded, separately cached choice, and moves FID.
+  config.eval.fid_resize = "clean_fid"
+  clean = eval_job.run(config, str(root / "coco_clean"))
+  assert clean["protocol"]["fid_resize"] == "clean_fid"
+  assert clean["rows"][0]["fid"] != row["fid"]
+
+
+def cascade_lib_stage_data(stage_dir):
+  from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+  return cascade_lib.load_stage(stage_dir).config.data
 
 
 def test_alignment_model_learns_pairs():

@@ -108,7 +108,8 @@ def test_errors_name_the_problem(tmp_path):
   assert nothing.returncode == 2 and "No finished runs" in nothing.stderr
 
 
-def _write_eval(workdir: pathlib.Path, fid: float, low: float, high: float) -> None:
+def _write_eval(workdir: pathlib.Path, fid: float, low: float, high: float,
+                resize: str = "pytorch_fid") -> None:
   """What jobs/eval_stage.py writes, reduced to the keys the image sweep collates."""
   import json  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -120,6 +121,7 @@ def _write_eval(workdir: pathlib.Path, fid: float, low: float, high: float) -> N
       "fid_curve": [2 * fid, fid], "fid_curve_low": [2 * low, low],
       "fid_curve_high": [2 * high, high], "fid_floor": 5.0,
       "grid": "step_20/prompts/g.png",
+      "protocol": {"num_images": 200, "fid_resize": resize, "inception_sha1": "ab12"},
       "loss_by_logsnr": {"buckets": ["-5_0", "0_5"], "loss": [1.0, 0.5]}}))
 
 
@@ -149,6 +151,13 @@ def test_one_seed_arms_compare_by_their_own_intervals(tmp_path):
   assert "![v_seed0.png](v_seed0.png)" in text and "intervals are disjoint" in text
   # Unfinished arms (no results) are left out, not tabulated as zeros.
   assert "min_snr5" not in lines
+  # The shared evaluation protocol is stated once...
+  assert "Protocol: num_images `200`; fid_resize `pytorch_fid`; inception_sha1 `ab12`." in text
+  # ... and an arm scored under another one is called out, not silently tabulated.
+  _write_eval(by_arm["min_snr5"], 70.0, 60.0, 80.0, resize="clean_fid")
+  sweep_lib.collate(sweep, runs, str(out), "emoji_schedules.py:cpu")
+  text = (out / "results.md").read_text()
+  assert "different protocols" in text and "- min_snr5/seed0: " in text
 
 
 def test_an_interrupted_training_is_not_finished(tmp_path):

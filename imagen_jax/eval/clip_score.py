@@ -184,6 +184,17 @@ def load_clip(spec: str | os.PathLike, *, tokenizer: str | os.PathLike | None = 
   return model, tok
 
 
+def weights_file(spec: str | os.PathLike) -> str:
+  """The file holding a CLIP's weights (what its SHA-1 identifies): the .pt itself, or the
+  safetensors / PyTorch file in a Hugging Face directory."""
+  path = os.fspath(spec)
+  if os.path.isdir(path):
+    for name in ("model.safetensors", "pytorch_model.bin"):
+      if os.path.isfile(os.path.join(path, name)):
+        return os.path.join(path, name)
+  return path
+
+
 # ------------------------------------------------------------------------ batched scorer
 
 class ClipScorer:
@@ -195,6 +206,7 @@ class ClipScorer:
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be >= 1.")
     self.cfg, self.tokenizer = model.cfg, tokenizer
+    self.spec: str | None = None  # the checkpoint it was loaded from (from_spec)
     self.batch_size, self.progress = int(batch_size), progress
     graphdef, self._state = nnx.split(model)
     self._images = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x))
@@ -205,7 +217,14 @@ class ClipScorer:
                 dtype: str = "float32", **kw: Any) -> "ClipScorer":
     """From a checkpoint directory or OpenAI .pt file (see `load_clip`)."""
     model, tok = load_clip(spec, tokenizer=tokenizer, dtype=dtype)
-    return cls(model, tok, **kw)
+    scorer = cls(model, tok, **kw)
+    scorer.spec = os.fspath(spec)
+    return scorer
+
+  @property
+  def model_name(self) -> str:
+    """"ViT-L/14", "ViT-B/32", "ViT-B/16", or the shapes of another CLIP."""
+    return clip_lib.describe(self.cfg)
 
   def _batches(self, n: int, what: str):
     starts = range(0, n, self.batch_size)

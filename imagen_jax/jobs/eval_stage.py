@@ -189,7 +189,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             "seed and guidance)")
     sample_s = time.perf_counter() - t0
     feats = fid_lib.inception_features(images, batch_size=int(ec.batch_size),
-                                       weights=inception)
+                                       weights=inception, resize=ec.fid_resize)
     np.savez(os.path.join(step_dir, "features.npz"), features=feats)
     fid, low, high = kid_lib.fid_interval(feats, ref_feats, resamples=int(ec.bootstrap),
                                           seed=int(ec.seed))
@@ -225,6 +225,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                               "kid_low", "kid_high", "precision", "recall", scorer.name,
                               "grid")},
       "backend": jax.default_backend(), "seconds": time.perf_counter() - began,
+      "protocol": evaluators.protocol(context, scorer, num_images=int(ec.num_images)),
   }
   if "r_precision" in last:
     result["r_precision"] = last["r_precision"]
@@ -240,7 +241,9 @@ def write_results(result: dict[str, Any], out_root: str) -> None:
            f"{result['num_images']} samples per step at guidance {result['guidance']:g} "
            f"({result['weights']} weights) against {result['reference_images']} held-out "
            f"images; FID(train, held-out) = {result['fid_floor']:.2f}.", "",
-           f"| step | FID [95% bootstrap] | KID ± std | precision | recall | {metric} |",
+           evaluators.protocol_markdown(result["protocol"]), "",
+           f"| step | FID [95% bootstrap] | KID ± std | precision | recall | "
+           f"{evaluators.metric_label(result['protocol'])} |",
            "|---:|---:|---:|---:|---:|---:|"]
   for r in result["rows"]:
     lines.append(f"| {r['step']} | {r['fid']:.1f} [{r['fid_low']:.1f}, {r['fid_high']:.1f}] "

@@ -124,6 +124,53 @@ def test_fid_of_image_sets(monkeypatch):
   assert seen[0] == {"batch_size": BATCH, "progress": False}
 
 
+def _pil_clean(image_u8):
+  """clean-fid's "clean" resize as its definition states it: each channel a float32 PIL
+  image, BICUBIC to 299 x 299, clipped to [0, 255]."""
+  planes = [np.asarray(Image.fromarray(image_u8[..., c].astype(np.float32), mode="F")
+                       .resize((299, 299), resample=Image.BICUBIC)) for c in range(3)]
+  return np.clip(np.stack(planes, -1), 0, 255)
+
+
+def test_resize_modes_differ_and_each_matches_its_reference():
+  # pytorch-fid's resize against torch's F.interpolate is pinned by the golden fixture in
+  # tests/eval/test_inception.py (test_resize_matches_torch_interpolate); here clean-fid's.
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 37, 50, 3), dtype=np.uint8)
+  clean = fid.clean_resize(images)
+  assert clean.shape == (2, 299, 299, 3) and clean.dtype == np.float32
+  for i in range(2):
+    # float32 throughout; the /255 and the network's *255 move a value by < 1e-4 levels.
+    np.testing.assert_allclose(clean[i] * 255.0, _pil_clean(images[i]), rtol=0, atol=1e-3)
+  # Float samples are quantised to uint8 first (as if saved to PNG): a float image and
+  # the uint8 image it rounds to resize identically.
+  as_float = (images.astype(np.float32) + rng.uniform(-0.49, 0.49, images.shape)) / 255.0
+  np.testing.assert_array_equal(fid.clean_resize(as_float), clean)
+  # On a 1-pixel stripe pattern shrunk 3x, clean-fid's antialiased bicubic gives the mean
+  # grey, while pytorch-fid's 2-tap bilinear samples single pixels and keeps full-contrast
+  # (aliased) stripes: the two conventions differ exactly where the literature says.
+  stripes = np.zeros((1, 897, 897, 3), np.uint8)
+  stripes[:, :, 1::2] = 255
+  clean = fid.clean_resize(stripes)[0] * 255.0
+  assert np.abs(clean[10:-10, 10:-10] - 127.5).max() < 8.0
+  import jax  # pylint: disable=g-import-not-at-top
+  bilinear = np.asarray(jax.image.resize(stripes.astype(np.float32), (1, 299, 299, 3),
+                                         "bilinear", antialias=False))[0]
+  assert set(np.unique(bilinear[10:-10, 10:-10].round())) == {0.0, 255.0}
+  with pytest.raises(UserError, match="clean_fid"):
+    fid.check_resize("bicubic")
+
+
+def test_resize_mode_changes_the_features():
+  rng = np.random.default_rng(3)
+  a = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  fa = fid.inception_features(a, batch_size=BATCH, progress=False)
+  fc = fid.inception_features(a, batch_size=BATCH, progress=False, resize="clean_fid")
+  assert np.isfinite(fc).all() and fc.shape == fa.shape
+  # Same images, different resize: the features move (by much more than float noise).
+  assert np.abs(fc - fa).max() > 1e-2
+
+
 def test_statistics_files(tmp_path):
   rng = np.random.default_rng(4)
   mu, sigma = rng.normal(size=5), _spd(rng, 5)
@@ -207,7 +254,7 @@ def test_dataset_statistics_cache(tmp_path, monkeypatch):
   assert calls == [6, 4, 6, 6, 6] and fid.load_statistics(path)[2]["key"]["count"] == 6
   key = fid.load_statistics(path)[2]["key"]
   assert key["full_name"].startswith("image_text_folder/") and key["resolution"] == 16
-  assert key["preprocessing"] == fid.PREPROCESSING and key["split"] == "train"
+  assert key["preprocessing"] == fid.PREPROCESSING["pytorch_fid"] and key["split"] == "train"
   with pytest.raises(UserError, match="no split"):
     fid.dataset_statistics(cfg, "validation", cache, progress=False)
 

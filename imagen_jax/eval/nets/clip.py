@@ -171,6 +171,23 @@ CLIP_SIZES: dict[str, CLIPConfig] = {
 }
 
 
+def _shape(cfg: CLIPConfig) -> tuple:
+  v, t = cfg.vision, cfg.text
+  return (v.image_size, v.patch_size, v.width, v.layers, t.width, t.layers, cfg.projection_dim)
+
+
+def size_name(cfg: CLIPConfig) -> str | None:
+  """The OpenAI model ("ViT-L/14", ...) whose shapes `cfg` has, or None for another CLIP."""
+  return next((name for name, ref in CLIP_SIZES.items() if _shape(ref) == _shape(cfg)), None)
+
+
+def describe(cfg: CLIPConfig) -> str:
+  """A CLIP's name for tables: its OpenAI model name, or its shapes when it is none of them."""
+  v = cfg.vision
+  return size_name(cfg) or (f"custom ViT (patch {v.patch_size}, width {v.width}, "
+                            f"{v.layers} layers, {v.image_size} px)")
+
+
 def _dense(cin: int, cout: int, names: tuple[str, str], rngs: nnx.Rngs, dtype,
            use_bias: bool = True) -> nnx.Linear:
   return nnx.Linear(cin, cout, dtype=dtype, use_bias=use_bias, rngs=rngs,
