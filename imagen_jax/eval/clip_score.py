@@ -206,7 +206,6 @@ class ClipScorer:
     if batch_size < 1:
       raise ValueError(f"batch_size={batch_size} must be >= 1.")
     self.cfg, self.tokenizer = model.cfg, tokenizer
-    self.spec: str | None = None  # the checkpoint it was loaded from (from_spec)
     self.batch_size, self.progress = int(batch_size), progress
     graphdef, self._state = nnx.split(model)
     self._images = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x))
@@ -217,9 +216,7 @@ class ClipScorer:
                 dtype: str = "float32", **kw: Any) -> "ClipScorer":
     """From a checkpoint directory or OpenAI .pt file (see `load_clip`)."""
     model, tok = load_clip(spec, tokenizer=tokenizer, dtype=dtype)
-    scorer = cls(model, tok, **kw)
-    scorer.spec = os.fspath(spec)
-    return scorer
+    return cls(model, tok, **kw)
 
   @property
   def model_name(self) -> str:

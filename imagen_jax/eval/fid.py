@@ -87,8 +87,10 @@ def _check_float_range(batch: np.ndarray) -> None:
                      ". Divide by 255, or pass uint8.")
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """uint8 images as they would be saved to PNG: float [0, 1] -> round(x * 255), clipped."""
+def _quantise(images: np.ndarray) -> np.ndarray:
+  """uint8 images as they would be saved to PNG: float [0, 1] -> round(x * 255), clipped.
+  (imagen_jax.images.to_uint8 does this for the networks' [-1, 1] range; FID's inputs
+  are [0, 1].)"""
   images = np.asarray(images)
   if images.dtype == np.uint8:
     return images
@@ -104,7 +106,7 @@ def clean_resize(images: np.ndarray, size: int = inception.SIZE) -> np.ndarray:
   that round trip moves a value by under 1e-4 of a level.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  images = to_uint8(images)
+  images = _quantise(images)
   out = np.empty((*images.shape[:1], size, size, images.shape[-1]), np.float32)
   for i, image in enumerate(images):
     for ch in range(image.shape[-1]):
