@@ -6,6 +6,12 @@ Reads the captions of the dataset's train and eval splits (or of `data.captions_
 per line, when set), encodes the ones the cache lacks with `data.text_encoder`, and adds them to the cache at `data.embedding_cache` (default:
 WORKDIR/text_cache). Training then reads embeddings from there when `data.embedding_cache`
 names it. Writes WORKDIR/precompute.json (what was encoded, how fast).
+
+Multi-host: run the same command on every host with launch.py's jax.distributed flags
+(--distributed, or --coordinator_address/--num_processes/--process_id). Each process
+encodes its share of the missing captions into a part of the cache of its own
+(imagen_jax/text/cache.py); process 0 writes meta.json, precompute.json and the summary
+line. The cache directory must be on storage every host mounts at the same path.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 import ml_collections
 
+from imagen_jax import multihost
 from imagen_jax import text
 from imagen_jax.data import datasets
 from imagen_jax.text import cache
@@ -64,6 +71,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  captions_per_s=summary["added"] / encode_s if summary["added"] else None,
                  captions_from=data.captions_file or f"{data.dataset} "
                  f"{data.train_split}+{data.eval_split}")
+  if not multihost.is_main():
+    return summary
   with open(os.path.join(workdir, "precompute.json"), "w") as f:
     json.dump(summary, f, indent=2)
     f.write("\n")

@@ -7,26 +7,32 @@ is a directory:
                          dtype, tokenizer), storage dtype, and the list of parts
   probe.npy              the encoder's output on PROBE_CAPTIONS: a cache opened for an
                          encoder whose weights differ under the same spec is refused too
-  part-00000/            one per `write` call that added captions:
+  part-00000/            one per `write` call that added captions (one per process of a
+                         multi-process write):
     index.npz              captions, and for each: shard, first row, number of tokens
     emb-00000.npy ...      the unpadded token embeddings of many captions, stacked [rows, dim]
 
 Only real tokens are stored (a 10-token caption with max_len 128 costs 10 rows, not 128);
 `lookup` pads them back. Parts are written into a temporary directory and renamed into
 place, and meta.json is replaced atomically, so an interrupted precompute leaves the cache
-as it was; rerunning it adds only the captions still missing.
+as it was (a new cache starts as a valid empty one); rerunning it adds only the captions
+still missing. A part renamed into place but not yet in meta.json (a multi-process write
+stopped between the processes' renames and process 0's meta.json update) is complete and
+adopted by the next write.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from imagen_jax import multihost
 from imagen_jax.errors import UserError
 
 FORMAT = "imagen_jax.embedding_cache/1"
@@ -165,6 +171,15 @@ def write(path: str | os.PathLike, encoder, captions: Iterable[str], *,
   """Encode the captions the cache lacks and add them as a new part; returns a summary.
 
   Creates the cache if needed; refuses (CacheError) a cache made by another encoder.
+
+  In a multi-process run (jax.distributed) every process calls this with the same
+  captions: each encodes a contiguous share of the missing ones (boundaries on multiples
+  of the batch size, so every batch is the one a single process would encode) into a
+  part of its own, and process 0 lists the parts in meta.json once all are in place. The
+  cache holds the same captions, rows and embeddings as a one-process cache, split over
+  more parts. A part renamed into place before an interruption is complete; the next
+  write adopts it (`_adopt_orphans`), so a rerun encodes only what is still missing. The
+  directory must be on storage every process sees.
   """
   if dtype not in STORAGE_DTYPES:
     raise ValueError(f"Cache dtype {dtype!r}: choose one of {STORAGE_DTYPES}.")
@@ -173,40 +188,126 @@ def write(path: str | os.PathLike, encoder, captions: Iterable[str], *,
   for c in captions[:1] + captions[-1:]:
     if not isinstance(c, str):
       raise TypeError(f"Captions must be str, got {type(c).__name__}: {c!r}.")
-  if os.path.isfile(os.path.join(path, "meta.json")):
-    cache = EmbeddingCache.open(path, encoder)
-    if cache.meta["dtype"] != dtype:
-      raise CacheError(f"Cache {path} stores {cache.meta['dtype']}, not {dtype}; keep "
-                       f"--config.data.cache_dtype={cache.meta['dtype']} or use a new directory.")
-    meta = cache.meta
-    todo = cache.missing(captions)
-  else:
-    if os.path.isdir(path) and os.listdir(path):
-      raise CacheError(f"{path} exists, is not empty and is not an embedding cache; refusing to "
-                       "write into it. Fix: choose an empty or new data.embedding_cache directory.")
-    os.makedirs(path, exist_ok=True)
-    meta = {"format": FORMAT, "encoder": encoder.describe(), "dtype": dtype, "parts": []}
-    np.save(os.path.join(path, "probe.npy"), _probe(encoder))
-    todo = captions
+  main = multihost.is_main()
+  # Process 0 creates (or checks and repairs) the cache first; then every process opens it.
+  prepared = _on_every_process(lambda: _prepare(path, encoder, dtype) if main else None, path)
+  cache = _on_every_process(lambda: prepared if main else _open_checked(path, encoder, dtype),
+                            path)
+  meta = cache.meta
+  todo = cache.missing(captions)
+  first = _next_part_number(path, meta)
+  multihost.agree(todo + [f"first part {first}"], f"the captions missing from {path}")
   summary = {"path": path, "requested": len(captions), "added": len(todo),
              "already_cached": len(captions) - len(todo)}
+  if multihost.process_count() > 1:
+    summary["processes"] = multihost.process_count()
   if not todo:
     summary.update(total=sum(p["count"] for p in meta["parts"]), tokens_added=0)
     return summary
 
-  part_name = f"part-{len(meta['parts']):05d}"
-  tmp = tempfile.mkdtemp(prefix=f".{part_name}-", dir=path)
-  try:
-    stats = _write_part(tmp, encoder, todo, _storage(dtype), rows_per_shard, progress,
-                        batch_size or encoder.batch_size)
-    os.rename(tmp, os.path.join(path, part_name))
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  meta["parts"].append({"dir": part_name, "count": len(todo), **stats})
-  _write_json(os.path.join(path, "meta.json"), meta)
-  summary.update(total=sum(p["count"] for p in meta["parts"]), tokens_added=stats["tokens"])
+  batch_size = batch_size or encoder.batch_size
+  mine = todo[multihost.share(len(todo), align=batch_size)]
+  part_name = f"part-{first + multihost.process_index():05d}"
+
+  def write_mine() -> list[int]:
+    if not mine:
+      return [0, 0, 0]
+    tmp = tempfile.mkdtemp(prefix=f".{part_name}-", dir=path)
+    try:
+      stats = _write_part(tmp, encoder, mine, _storage(dtype), rows_per_shard,
+                          progress and main, batch_size)
+      os.rename(tmp, os.path.join(path, part_name))
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    return [len(mine), stats["num_shards"], stats["tokens"]]
+
+  stats = multihost.gather(np.asarray([_on_every_process(write_mine, path)], np.int64))
+  new_parts = [{"dir": f"part-{first + p:05d}", "count": int(count), "num_shards": int(shards),
+                "tokens": int(tokens)}
+               for p, (count, shards, tokens) in enumerate(stats) if count]
+  meta["parts"].extend(new_parts)
+  if main:
+    _write_json(os.path.join(path, "meta.json"), meta)
+  multihost.barrier(f"embedding_cache_written_{first}")  # the cache is whole on return
+  summary.update(total=sum(p["count"] for p in meta["parts"]),
+                 tokens_added=sum(p["tokens"] for p in new_parts))
   return summary
+
+
+def _on_every_process(fn, path: str):
+  """fn() on this process; if it raised an Exception on any process, raise on every one
+  (a collective), so no process waits forever for a failed one."""
+  error, out = None, None
+  try:
+    out = fn()
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  if multihost.any_process(error is not None):
+    if error is not None:
+      raise error
+    raise CacheError(f"Another process of this job failed while writing the embedding cache "
+                     f"{path}; its message says why.")
+  return out
+
+
+def _open_checked(path: str, encoder, dtype: str) -> EmbeddingCache:
+  cache = EmbeddingCache.open(path, encoder)
+  if cache.meta["dtype"] != dtype:
+    raise CacheError(f"Cache {path} stores {cache.meta['dtype']}, not {dtype}; keep "
+                     f"--config.data.cache_dtype={cache.meta['dtype']} or use a new directory.")
+  return cache
+
+
+def _prepare(path: str, encoder, dtype: str) -> EmbeddingCache:
+  """Open the cache at path (checking its encoder and dtype, adopting finished orphan
+  parts), or create an empty one: probe.npy, then meta.json with no parts."""
+  if os.path.isfile(os.path.join(path, "meta.json")):
+    cache = _open_checked(path, encoder, dtype)
+    if _adopt_orphans(path, cache.meta):
+      _write_json(os.path.join(path, "meta.json"), cache.meta)
+      cache = EmbeddingCache(path, cache.meta)
+    return cache
+  if os.path.isdir(path) and os.listdir(path):
+    raise CacheError(f"{path} exists, is not empty and is not an embedding cache; refusing to "
+                     "write into it. Fix: choose an empty or new data.embedding_cache directory.")
+  os.makedirs(path, exist_ok=True)
+  meta = {"format": FORMAT, "encoder": encoder.describe(), "dtype": dtype, "parts": []}
+  np.save(os.path.join(path, "probe.npy"), _probe(encoder))
+  _write_json(os.path.join(path, "meta.json"), meta)
+  return EmbeddingCache(path, meta)
+
+
+_PART = re.compile(r"^part-(\d{5,})$")
+
+
+def _next_part_number(path: str, meta: dict) -> int:
+  """One past the highest part number listed or on disk, so new parts never collide."""
+  numbers = [int(m.group(1)) for name in [p["dir"] for p in meta["parts"]] + os.listdir(path)
+             if (m := _PART.match(name))]
+  return max(numbers, default=-1) + 1
+
+
+def _adopt_orphans(path: str, meta: dict) -> list[str]:
+  """Add to meta the finished parts meta.json does not list: a multi-process write whose
+  processes renamed their parts into place but stopped before process 0 recorded them
+  (a part is renamed only once complete). Returns their names."""
+  listed = {p["dir"] for p in meta["parts"]}
+  adopted = []
+  for name in sorted(os.listdir(path), key=lambda n: (len(n), n)):
+    part_dir = os.path.join(path, name)
+    if not _PART.match(name) or name in listed or not os.path.isdir(part_dir):
+      continue
+    try:
+      with np.load(os.path.join(part_dir, "index.npz")) as index:
+        count, tokens = len(index["captions"]), int(index["length"].sum())
+    except (OSError, ValueError, KeyError) as e:
+      raise CacheError(f"Embedding cache part {part_dir} is unreadable ({e}). Fix: delete "
+                       f"that folder and rerun --mode=precompute.") from e
+    shards = len([f for f in os.listdir(part_dir) if f.startswith("emb-")])
+    meta["parts"].append({"dir": name, "count": count, "num_shards": shards, "tokens": tokens})
+    adopted.append(name)
+  return adopted
 
 
 def _write_part(out: str, encoder, captions: list[str], dtype: np.dtype, rows_per_shard: int,
