@@ -45,7 +45,8 @@ def is_main() -> bool:
 def share(n: int, *, align: int = 1, index: int | None = None,
           count: int | None = None) -> slice:
   """This process's contiguous block of n items: the blocks of processes 0, 1, ... tile
-  [0, n) in order and differ in size by at most one chunk of `align` items.
+  [0, n) in order and differ in size by at most one chunk of `align` items, the larger
+  ones first (so process 0's is empty only when n is 0).
 
   Block boundaries fall on multiples of `align` (a batch size): each process then forms
   exactly the batches a single process would, so per-item results that depend on what
@@ -56,7 +57,9 @@ def share(n: int, *, align: int = 1, index: int | None = None,
   if align < 1:
     raise ValueError(f"align must be >= 1, got {align}.")
   chunks = -(-n // align)
-  lo, hi = index * chunks // count, (index + 1) * chunks // count
+  q, r = divmod(chunks, count)
+  lo = index * q + min(index, r)
+  hi = lo + q + (index < r)
   return slice(min(n, lo * align), min(n, hi * align))
 
 

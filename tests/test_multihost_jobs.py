@@ -72,8 +72,9 @@ def test_shares_tile_the_items_on_batch_boundaries(n, align, count):
   assert [i for p in parts for i in range(n)[p]] == list(range(n))  # in order, once each
   for p in parts[:-1]:
     assert p.stop % align == 0 or p.stop == n  # every batch is one a single process forms
-  sizes = [len(range(n)[p]) for p in parts]
-  assert max(sizes) - min(sizes) <= align
+  chunks = [-(-len(range(n)[p]) // align) for p in parts]
+  assert chunks == sorted(chunks, reverse=True) and chunks[0] - chunks[-1] <= 1
+  assert n == 0 or parts[0].stop > 0  # process 0 (which writes the outputs) has a share
 
 
 def test_single_process_helpers_are_identities():
@@ -91,8 +92,8 @@ CAPTIONS = [f"caption {i} " + "word " * (i % 4) for i in range(22)]
 
 
 def _precompute_args(workdir, captions_file, *extra):
-  # Batches of 4: 22 captions + the smoke config's 4 grid prompts split 12 / 14 over two
-  # processes, on batch boundaries.
+  # Batches of 4: 22 captions + the smoke config's 4 grid prompts are 7 batches, split 4 / 3
+  # (16 / 10 captions) over two processes.
   return ("--config=configs/base64.py:smoke", f"--workdir={workdir}", "--mode=precompute",
           f"--config.data.captions_file={captions_file}", "--config.data.text_batch_size=4",
           *extra)
@@ -142,8 +143,8 @@ def test_two_process_precompute_equals_one(precomputed):
   meta_one = json.loads((one / "meta.json").read_text())
   meta_two = json.loads((two / "meta.json").read_text())
   assert [p["count"] for p in meta_one["parts"]] == [26]
-  assert [(p["dir"], p["count"]) for p in meta_two["parts"]] == [("part-00000", 12),
-                                                                 ("part-00001", 14)]
+  assert [(p["dir"], p["count"]) for p in meta_two["parts"]] == [("part-00000", 16),
+                                                                 ("part-00001", 10)]
   assert meta_two["encoder"] == meta_one["encoder"]
   _assert_same_cache(one, two)
   # Process 0 reports and writes precompute.json; process 1 stays quiet.
@@ -171,7 +172,78 @@ def test_interrupted_two_process_precompute_resumes(precomputed, tmp_path):
       f"--config.data.embedding_cache={broken}"))
   assert_ok(procs)
   summary = json.loads((tmp_path / "rerun" / "precompute.json").read_text())
-  assert (summary["added"], summary["already_cached"]) == (14, 12)
+  assert (summary["added"], summary["already_cached"]) == (10, 16)
   meta = json.loads((broken / "meta.json").read_text())
-  assert [p["count"] for p in meta["parts"]] == [12, 8, 6]  # adopted; 14 in batches of 4
+  assert [p["count"] for p in meta["parts"]] == [16, 8, 2]  # adopted; 10 in batches of 4
   _assert_same_cache(one, broken)
+
+
+# -- eval ------------------------------------------------------------------------------
+
+# configs/base64.py:smoke's checkpoint evaluation, shrunk. Batches of 4 make the two runs do
+# the same arithmetic: one process on 8 devices and two on 4 each both sample one image
+# per device, and every Inception batch (8 references, 16 train images, 8 samples, split
+# 4 / 4 at batch boundaries) holds the same images in either run.
+EVAL = ("--config.eval.num_images=8", "--config.eval.reference_limit=8",
+        "--config.eval.batch_size=4", "--config.eval.grid_size=4",
+        "--config.eval.bootstrap=20", "--config.eval.kid_subsets=5",
+        "--config.eval.kid_subset_size=8", "--config.eval.prompts=('rocket, twemoji style',)",
+        "--config.eval.alignment.train_limit=16", "--config.eval.alignment.dim=8",
+        "--config.eval.alignment.steps=20", "--config.eval.alignment.batch_size=16",
+        "--config.eval.alignment.candidates=4", "--config.eval.alignment.lr=0.01")
+
+
+@pytest.fixture(scope="module")
+def evaluated(smoke_data, tmp_path_factory):
+  """(one-process workdir, two-process workdir, the two-process launches): the same
+  random-weight checkpoint evaluated by --mode=eval in each."""
+  import stage_testing  # pylint: disable=g-import-not-at-top
+  from imagen_jax import config_files  # pylint: disable=g-import-not-at-top
+  data_dir = smoke_data[0]
+  root = tmp_path_factory.mktemp("mh_eval")
+  config = config_files.load(REPO / "configs/base64.py", "smoke")
+  config.data.data_dir = str(data_dir)
+  stage_testing.write_stage(config, str(root / "stage"), seed=0, step=10)
+  args = ("--config=configs/base64.py:smoke", "--mode=eval",
+          f"--config.data.data_dir={data_dir}", *EVAL)
+  shutil.copytree(root / "stage", root / "one")
+  shutil.copytree(root / "stage", root / "two")
+  one = launch(f"--workdir={root / 'one'}", *args)
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = launch_processes(f"--workdir={root / 'two'}", *args)
+  assert_ok(two)
+  return root / "one" / "eval", root / "two" / "eval", two
+
+
+def test_two_process_eval_equals_one(evaluated):
+  one, two, procs = evaluated
+  a = json.loads((one / "results.json").read_text())
+  b = json.loads((two / "results.json").read_text())
+  assert a["num_images"] == b["num_images"] == 8 and a["reference_images"] == 8
+  # Same samples, bit for bit (image i is drawn with the key of caption i wherever it is
+  # sampled; PNGs 4-7 are process 1's, written by it), and the same Inception features of
+  # them and of the real images.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for i in range(8):
+    png = f"step_10/stage0_16px/{i:05d}.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(two / png)),
+                                  np.asarray(Image.open(one / png)), err_msg=png)
+  np.testing.assert_array_equal(np.load(two / "step_10/features.npz")["features"],
+                                np.load(one / "step_10/features.npz")["features"])
+  for name in sorted(os.listdir(one / "cache")):
+    if name.startswith("features-"):
+      with np.load(one / "cache" / name) as x, np.load(two / "cache" / name) as y:
+        np.testing.assert_array_equal(y["features"], x["features"], err_msg=name)
+  # Equal features make every score the same computation on process 0; the tolerance
+  # only allows for LAPACK/BLAS reduction order, should it ever vary between processes.
+  for key in ("fid", "fid_low", "fid_high", "kid", "kid_std", "precision", "recall",
+              "alignment", "r_precision", "fid_floor"):
+    assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), key
+  settings = json.loads((two / "step_10/settings.json").read_text())
+  assert settings["prompts"] == json.loads((one / "step_10/settings.json").read_text())["prompts"]
+  assert settings["processes"] == 2 and settings["start_index"] == 0
+  for name in ("results.md", "fid_vs_step.png", "step_10/grid_16px.png",
+               "step_10/prompts/grid_16px.png"):
+    assert (two / name).is_file(), name
+  # Outputs and progress on process 0 only.
+  assert "step 10: FID" in procs[0].stdout and "FID" not in procs[1].stdout

@@ -6,7 +6,11 @@ the eval config section, the stage's data config, the cache folder, Inception fe
 and captions of the train and held-out splits) and implements
 
   name                                  the metric's key in results
-  score(features, images, prompts)      {name: value, ...} for generated samples
+  image_features(images)                what score needs of the samples beyond their
+                                        Inception features (CLIP image embeddings), or
+                                        None; computed per process on its share
+  score(features, images, prompts, *, image_features=None)
+                                        {name: value, ...} for generated samples
   ceiling(context)                      the same on the real held-out pairs
   protocol()                            what identifies the metric in results files
                                         (e.g. the CLIP model and its weights' SHA-1)
@@ -14,6 +18,11 @@ and captions of the train and held-out splits) and implements
 A new metric registers a factory in EVALUATORS; the eval jobs never name one. "auto"
 (the default) keeps the historical choice: CLIP score when eval.clip names CLIP weights,
 else the offline alignment score.
+
+Multi-host evaluation (imagen_jax/multihost.py): every process samples its share of the
+captions (`generate_share`) and computes its share's features (`share_features`); the
+features are gathered in caption order and process 0 scores them. Only process 0 builds
+a scoring evaluator (`text_evaluator(..., scoring=False)` elsewhere).
 """
 
 from __future__ import annotations
@@ -22,9 +31,11 @@ import dataclasses
 import os
 from typing import Any, Callable, Protocol, Sequence
 
+import jax
 import numpy as np
 
 from imagen_jax import config_schema
+from imagen_jax import multihost
 from imagen_jax.errors import UserError
 from imagen_jax.eval import alignment as align_lib
 from imagen_jax.eval import fid as fid_lib
@@ -69,8 +80,11 @@ def load_context(ec: Any, data_cfg: Any, cache_dir: str) -> Context:
 class Evaluator(Protocol):
   name: str
 
+  def image_features(self, images: np.ndarray) -> np.ndarray | None: ...
+
   def score(self, features: np.ndarray | None, images: np.ndarray | None,
-            prompts: Sequence[str]) -> dict[str, float]: ...
+            prompts: Sequence[str], *,
+            image_features: np.ndarray | None = None) -> dict[str, float]: ...
 
   def ceiling(self, ctx: Context) -> dict[str, float]: ...
 
@@ -118,8 +132,12 @@ class AlignmentScorer:
         self._text_cache[c] = f
     return np.stack([self._text_cache[c] for c in captions])
 
-  def score(self, features, images, prompts: Sequence[str]) -> dict[str, float]:
-    del images
+  def image_features(self, images: np.ndarray) -> None:
+    del images  # scores Inception features alone
+
+  def score(self, features, images, prompts: Sequence[str], *,
+            image_features: np.ndarray | None = None) -> dict[str, float]:
+    del images, image_features
     return align_lib.summary(self.model, features, self.text(prompts), list(prompts),
                              candidates=self.candidates, seed=self.seed,
                              pool_text_features=self.pool_feats, pool_captions=self.pool_caps)
@@ -152,9 +170,18 @@ class ClipScorer:
           f"{self.model} scores (one of {CLIP_MODELS}; 'any' for another CLIP).")
     self.weights = clip_score.weights_file(ctx.ec.clip)
 
-  def score(self, features, images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
+  def image_features(self, images: np.ndarray) -> np.ndarray:
+    return self.scorer.image_embeddings(images)
+
+  def score(self, features, images: np.ndarray | None, prompts: Sequence[str], *,
+            image_features: np.ndarray | None = None) -> dict[str, float]:
+    """CLIP score of images (or of their `image_features`, given) and prompts."""
+    from imagen_jax.eval import clip_score  # pylint: disable=g-import-not-at-top
     del features
-    return {"clip_score": float(self.scorer.score(images, list(prompts)))}
+    if image_features is None:
+      return {"clip_score": float(self.scorer.score(images, list(prompts)))}
+    pairs = clip_score.pair_scores(image_features, self.scorer.text_embeddings(list(prompts)))
+    return {"clip_score": clip_score.score_from_pairs(pairs)}
 
   def ceiling(self, ctx: Context) -> dict[str, float]:
     images = references.real_images(ctx.data_cfg, ctx.data_cfg.eval_split,
@@ -213,15 +240,103 @@ class ScoringSettings:
     c.one_of("clip_model", CLIP_MODELS)
 
 
-def text_evaluator(ctx: Context) -> Evaluator:
+def text_evaluator(ctx: Context, *, scoring: bool = True) -> Evaluator:
   """The evaluator eval.text_metric names ("auto": clip_score with eval.clip, else
-  alignment)."""
+  alignment). scoring=False (processes other than 0 of a multi-host evaluation): only its
+  `image_features` will be called, so one that has none (alignment, which would train or
+  load a model) is not built."""
   name = ctx.ec.get("text_metric", "auto")
   if name == "auto":
     name = "clip_score" if ctx.ec.clip else "alignment"
   if name not in EVALUATORS:
     raise UserError(f"eval.text_metric={name!r}: no such evaluator; choose one of {CHOICES}.")
+  if not scoring and name == "alignment":
+    return _NoImageFeatures(name)
   return EVALUATORS[name](ctx)
+
+
+class _NoImageFeatures:
+  """Stands in for an evaluator that scores Inception features alone, on processes that
+  only contribute features."""
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def image_features(self, images: np.ndarray) -> None:
+    del images
+
+
+# Multi-host: each process samples and featurises its share. ------------------------------
+
+def local_mesh(mesh_cfg: Any) -> jax.sharding.Mesh:
+  """The config's mesh over this process's devices: every process of a multi-host
+  evaluation samples its own captions with its own copy of the stage, no collectives
+  between them (in one process: the config's mesh, as before)."""
+  from imagen_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  return sharding_lib.mesh_from_config(mesh_cfg, devices=jax.local_devices())
+
+
+def generate_share(cascade: Any, prompts: Sequence[str], *, out_dir: str, grid_size: int,
+                   progress: bool = True, **kw: Any) -> tuple[Any, slice]:
+  """(this process's samples, the slice of `prompts` they are): Cascade.generate on this
+  process's share of the prompts (multihost.share), keyed by each prompt's index in the
+  whole list (start_index), so image i is the one a single process draws.
+
+  Every process writes its own PNGs under out_dir; process 0, once all have, the grids
+  of the first grid_size images and settings.json for all the prompts, as one process
+  would. In one process this is cascade.generate(prompts, out_dir=out_dir, ...).
+  """
+  from imagen_jax import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+  prompts = [str(p) for p in prompts]
+  if multihost.process_count() == 1:
+    return cascade.generate(prompts, out_dir=out_dir, grid_size=grid_size,
+                            progress=progress, **kw), slice(0, len(prompts))
+  part = multihost.share(len(prompts))
+  main = multihost.is_main()
+  if part.stop > part.start:
+    out = cascade.generate(prompts[part], start_index=part.start, progress=progress and main,
+                           **kw)
+    _save_pngs(out.images, out_dir, part.start)
+  else:  # more processes than prompts
+    stages = cascade.stages[:kw.get("num_stages") or len(cascade.stages)]
+    out = cascade_lib.CascadeOutput(
+        prompts=[], images=[np.zeros((0, s.resolution, s.resolution, 3), np.uint8)
+                            for s in stages], settings={}, seconds=[0.0] * len(stages))
+  # The first grid_size images, from whichever processes drew them (a collective, so also
+  # the point after which every share's PNGs are on disk).
+  heads = [multihost.gather(imgs[:max(0, min(part.stop, grid_size) - part.start)])
+           for imgs in out.images]
+  if main:  # process 0's share is never empty (multihost.share)
+    record = dict(out.settings, prompts=prompts, start_index=0,
+                  processes=multihost.process_count())
+    # Rewrites the first grid_size PNGs (same bytes) along with the grids and settings.json.
+    cascade_lib.save_outputs(cascade_lib.CascadeOutput(
+        prompts=prompts, images=heads, settings=record, seconds=out.seconds),
+        out_dir, grid_size=grid_size)
+  return out, part
+
+
+def _save_pngs(images: Sequence[np.ndarray], out_dir: str, start: int) -> None:
+  """Each stage's images as out_dir/stage{k}_{R}px/{start + i:05d}.png (save_outputs'
+  names), without the grid and settings.json that describe all the prompts."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for k, imgs in enumerate(images):
+    sub = os.path.join(out_dir, f"stage{k}_{imgs.shape[1]}px")
+    os.makedirs(sub, exist_ok=True)
+    for i, img in enumerate(imgs):
+      Image.fromarray(img).save(os.path.join(sub, f"{start + i:05d}.png"))
+
+
+def share_features(ctx: Context, scorer: Evaluator, images: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+  """(Inception features, the scorer's image features or None) of every process's
+  images, gathered in caption order; `images` are this process's share."""
+  ec = ctx.ec
+  feats = fid_lib.inception_features(images, batch_size=int(ec.batch_size),
+                                     weights=ec.inception or None, resize=ec.fid_resize,
+                                     progress=multihost.is_main())
+  extra = scorer.image_features(images)
+  return multihost.gather(feats), None if extra is None else multihost.gather(extra)
 
 
 def protocol(ctx: Context, scorer: Evaluator, *, num_images: int) -> dict[str, Any]:

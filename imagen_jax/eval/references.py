@@ -1,6 +1,9 @@
 """The real images an evaluation compares against: Inception features and captions of a
 built split (cached), the held-out captions to sample, and the real images themselves.
-Shared by the cascade's guidance sweep and a stage's checkpoint evaluation."""
+Shared by the cascade's guidance sweep and a stage's checkpoint evaluation.
+
+In a multi-host evaluation each process computes the features of its share of a split's
+images, gathered on every process; process 0 writes the cache (imagen_jax/multihost.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from imagen_jax import multihost
 from imagen_jax.data import datasets
 from imagen_jax.eval import alignment as align_lib
 from imagen_jax.eval import fid as fid_lib
@@ -58,7 +62,11 @@ def split_features(data_cfg: Any, split: str, limit: int, cache_dir: str, *,
   """Inception pool3 features and captions of (up to `limit` of) the images of a built
   split, one caption per image (`one_per_image`: FID counts each image once, and prompts
   drawn from the captions are one per sampled image, as the COCO protocol asks), cached
-  in cache_dir under a key of the dataset, split, resolution, limit, weights and resize."""
+  in cache_dir under a key of the dataset, split, resolution, limit, weights and resize.
+
+  Multi-host: a collective. The cache is read only where every process sees it; else each
+  process featurises a share of the images (boundaries on batch_size multiples, so every
+  Inception batch is one a single process forms), and the features are gathered."""
   source = datasets.data_source(data_cfg, split)
   key = align_lib.cache_key(kind="features", dataset=data_cfg.dataset,
                             data_dir=datasets.data_dir(data_cfg), split=split,
@@ -67,22 +75,27 @@ def split_features(data_cfg: Any, split: str, limit: int, cache_dir: str, *,
                             dataset_limit=data_cfg.get("limit", 0),
                             inception=inception or "default", resize=resize)
   path = os.path.join(cache_dir, f"features-{split}-{key}.npz")
-  if os.path.isfile(path):
+  if not multihost.any_process(not os.path.isfile(path)):
     with np.load(path) as z:
       return z["features"], [str(c) for c in z["captions"]]
   labels = datasets.data_source(data_cfg, split, decode_images=False)
   images_idx = one_per_image(_image_ids(labels))
   idx = images_idx[pick(len(images_idx), int(limit))]
-  images = np.stack([np.asarray(source[int(i)]["image"]) for i in idx])
+  mine = idx[multihost.share(len(idx), align=batch_size)]
+  images = np.stack([np.asarray(source[int(i)]["image"]) for i in mine]) if len(mine) else (
+      np.zeros((0, 1, 1, 3), np.uint8))
   captions = [_text(labels[int(i)]["caption"]) for i in idx]
-  print(f"Inception features of {len(idx)} {split} images ({images.shape[1]}px, "
-        f"{resize} resize) -> {path}")
-  feats = fid_lib.inception_features(images, batch_size=batch_size, weights=inception or None,
-                                     resize=resize)
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, features=feats, captions=np.asarray(captions))
-  os.replace(tmp, path)
+  main = multihost.is_main()
+  if main:
+    print(f"Inception features of {len(idx)} {split} images ({images.shape[1]}px, "
+          f"{resize} resize) -> {path}")
+  feats = multihost.gather(fid_lib.inception_features(
+      images, batch_size=batch_size, weights=inception or None, resize=resize, progress=main))
+  if main:
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, features=feats, captions=np.asarray(captions))
+    os.replace(tmp, path)
   return feats, captions
 
 

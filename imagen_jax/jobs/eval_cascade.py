@@ -31,6 +31,13 @@ ceiling). Outputs in WORKDIR:
   report.md                                 all of the above on one page
   cache/                                    Inception features of the real splits and the
                                             alignment model, reused by later runs
+
+Multi-host: run the same command on every host with launch.py's jax.distributed flags.
+Each process loads the stages onto its own devices (evaluators.local_mesh), samples its
+share of the captions at every sweep point (image i keeps the key of caption i, so the
+samples are a single process's) and computes their features; process 0 gathers them,
+scores every row, samples the cascade's prompts and writes the outputs. WORKDIR and the
+stages must be on storage every host mounts.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import ml_collections
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import config_schema
+from imagen_jax import multihost
 from imagen_jax.data import datasets
 from imagen_jax.diffusion import guidance
 from imagen_jax.eval import evaluators
@@ -143,11 +151,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   cache_dir = ec.cache_dir or os.path.join(workdir, "cache")
   fid_stage = int(ec.fid_stage)
+  main = multihost.is_main()  # scores, prints and writes the outputs
+  # Every process loads the same stages (restores may synchronise processes), though
+  # only process 0 samples the cascade's prompts through all of them.
   n_load = len(config.stages) if ec.cascade_samples else fid_stage + 1
-  cascade = cascade_lib.cascade_from_config(config, n_load)
+  cascade = cascade_lib.Cascade.from_workdirs(
+      list(config.stages)[:n_load], weights=config.weights,
+      mesh=evaluators.local_mesh(config.mesh))
   stage = cascade.stages[fid_stage]
   data_cfg = reference_data(stage.config.data, ec)
-  inception = ec.inception or None
   timings: dict[str, float] = {}
 
   began = time.perf_counter()
@@ -155,18 +167,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ref_feats, ref_caps = context.ref_feats, context.ref_caps
   train_feats = context.train_feats
   timings["real_features_s"] = time.perf_counter() - began
-  floor = None if train_feats is None else fid_lib.feature_distance(train_feats, ref_feats)
+  if main:
+    floor = None if train_feats is None else fid_lib.feature_distance(train_feats, ref_feats)
 
   began = time.perf_counter()
-  scorer = evaluators.text_evaluator(context)
-  ceiling = scorer.ceiling(context)
+  scorer = evaluators.text_evaluator(context, scoring=main)
+  if main:
+    ceiling = scorer.ceiling(context)
+    protocol = evaluators.protocol(context, scorer, num_images=int(ec.num_images))
   timings["scorer_s"] = time.perf_counter() - began
   metric = scorer.name
-  protocol = evaluators.protocol(context, scorer, num_images=int(ec.num_images))
-  print((f"reference: FID(train, held-out) = {floor:.2f} over {len(train_feats)} / "
-         f"{len(ref_feats)} images; " if floor is not None else
-         f"reference: {len(ref_feats)} held-out images (no train split: no FID floor); ")
-        + "real held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items()))
+  if main:
+    print((f"reference: FID(train, held-out) = {floor:.2f} over {len(train_feats)} / "
+           f"{len(ref_feats)} images; " if floor is not None else
+           f"reference: {len(ref_feats)} held-out images (no train split: no FID floor); ")
+          + "real held-out pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items()))
 
   prompts = references.eval_prompts(ref_caps, int(ec.num_images), int(ec.seed))
   base_settings = cascade_lib.stage_settings(config, fid_stage + 1)
@@ -178,13 +193,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     name, label = point.name(aug_kind), point.label(aug_kind)
     out_dir = os.path.join(workdir, "samples", name)
     began = time.perf_counter()
-    out = cascade.generate(prompts, seed=int(ec.seed), settings=settings,
-                           num_stages=fid_stage + 1, batch_size=int(ec.batch_size),
-                           out_dir=out_dir, grid_size=int(ec.grid_size))
+    out, _ = evaluators.generate_share(cascade, prompts, seed=int(ec.seed),
+                                       settings=settings, num_stages=fid_stage + 1,
+                                       batch_size=int(ec.batch_size), out_dir=out_dir,
+                                       grid_size=int(ec.grid_size))
     sample_s = time.perf_counter() - began
     images = out.images[-1]
-    feats = fid_lib.inception_features(images, batch_size=ec.batch_size, weights=inception,
-                                       resize=ec.fid_resize)
+    feats, image_feats = evaluators.share_features(context, scorer, images)
+    if not main:
+      continue
+    if multihost.process_count() > 1:
+      images = None  # only this process's share; the scorer has image_feats
+    res = stage.resolution
     stages_rec = out.settings["stages"]
     row: dict[str, Any] = {"sweep": point.sweep, "guidance": stages_rec[0]["guidance"],
                            "sr_guidance": (stages_rec[fid_stage]["guidance"]
@@ -197,13 +217,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     precision, recall = pr_lib.precision_recall(ref_feats, feats)
     row.update({"fid": fid_lib.feature_distance(feats, ref_feats), "precision": precision,
                 "recall": recall,
-                **scorer.score(feats, images, prompts), "num_images": len(images),
-                "sample_s": sample_s, "grid": os.path.relpath(
-                    os.path.join(out_dir, f"grid_{images.shape[1]}px.png"), workdir)})
+                **scorer.score(feats, images, prompts, image_features=image_feats),
+                "num_images": len(feats), "sample_s": sample_s, "grid": os.path.relpath(
+                    os.path.join(out_dir, f"grid_{res}px.png"), workdir)})
     rows.append(row)
     print(f"{label}: FID {row['fid']:.2f}, {metric} {row[metric]:.3f}"
           + (f", R-precision {row['r_precision']:.3f}" if "r_precision" in row else ""))
 
+  if not main:
+    return {"process_index": multihost.process_index()}
   cascade_out = None
   if ec.cascade_samples:
     began = time.perf_counter()

@@ -21,6 +21,12 @@ log-SNR bucket over the last logged window is read from the run's metrics.jsonl.
 Outputs in WORKDIR/eval/: results.json (rows per step; the last step's figures at the
 top level, for experiments/sweep.py), results.md, fid_vs_step.png, step_S/ (samples,
 grids, settings.json), cache/ (reference features and the alignment model).
+
+Multi-host: run the same command on every host with launch.py's jax.distributed flags.
+Each process loads the checkpoint onto its own devices (evaluators.local_mesh), samples
+its share of the captions (image i keeps the key of caption i, so the samples are a
+single process's) and computes their features; process 0 gathers the features, scores
+them and writes the results. WORKDIR must be on storage every host mounts.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import numpy as np
 
 from imagen_jax import cascade as cascade_lib
 from imagen_jax import config_schema
-from imagen_jax import sharding as sharding_lib
+from imagen_jax import multihost
 from imagen_jax.errors import UserError
 from imagen_jax.eval import evaluators
 from imagen_jax.eval import fid as fid_lib
@@ -120,11 +126,12 @@ def loss_by_logsnr(workdir: str) -> dict[str, Any] | None:
           "loss": [float(last[k]) for k in keys]}
 
 
-def reuse_samples(step_dir: str, prompts: list[str], seed: int, guidance: float, step: int
-                  ) -> np.ndarray | None:
+def reuse_samples(step_dir: str, prompts: list[str], seed: int, guidance: float, step: int,
+                  rows: slice | None = None) -> np.ndarray | None:
   """The samples an earlier evaluation of this step wrote (PNGs and settings.json), when
   they were drawn for the same captions, seed, guidance and checkpoint step; else None.
-  An interrupted or re-run evaluation then scores them again without sampling."""
+  An interrupted or re-run evaluation then scores them again without sampling. rows:
+  which of them to read (default all; a process's share in a multi-host evaluation)."""
   path = os.path.join(step_dir, "settings.json")
   try:
     with open(path) as f:
@@ -134,10 +141,14 @@ def reuse_samples(step_dir: str, prompts: list[str], seed: int, guidance: float,
             and float(stage["guidance"]) == guidance and int(stage["step"]) == step)
     if not same:
       return None
-    folder = os.path.join(step_dir, f"stage0_{int(stage['resolution'])}px")
+    res = int(stage["resolution"])
+    folder = os.path.join(step_dir, f"stage0_{res}px")
     from PIL import Image  # pylint: disable=g-import-not-at-top
+    wanted = range(len(prompts))[rows or slice(None)]
+    if not wanted:
+      return np.zeros((0, res, res, 3), np.uint8)
     return np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:05d}.png")).convert("RGB"))
-                     for i in range(len(prompts))])
+                     for i in wanted])
   except (OSError, KeyError, ValueError, TypeError):
     return None
 
@@ -149,47 +160,55 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   cache_dir = ec.cache_dir or os.path.join(out_root, "cache")
   os.makedirs(out_root, exist_ok=True)
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
-  inception = ec.inception or None
   began = time.perf_counter()
   context = evaluators.load_context(ec, data_cfg, cache_dir)
   ref_feats, ref_caps = context.ref_feats, context.ref_caps
   train_feats = context.train_feats
-  floor = fid_lib.feature_distance(train_feats, ref_feats)
-  scorer = evaluators.text_evaluator(context)
-  print(f"reference: {len(ref_feats)} held-out images, FID(train, held-out) = {floor:.2f} "
-        f"({time.perf_counter() - began:.0f} s)")
+  main = multihost.is_main()  # scores, prints and writes results
+  scorer = evaluators.text_evaluator(context, scoring=main)
+  if main:
+    floor = fid_lib.feature_distance(train_feats, ref_feats)
+    print(f"reference: {len(ref_feats)} held-out images, FID(train, held-out) = {floor:.2f} "
+          f"({time.perf_counter() - began:.0f} s)")
 
   prompts = references.eval_prompts(ref_caps, int(ec.num_images), int(ec.seed))
+  mine = multihost.share(len(prompts))  # this process's captions (all, in one process)
   grid_prompts = [str(p) for p in ec.prompts]
   settings = [cascade_lib.StageSettings(guidance=float(ec.guidance))]
-  mesh = sharding_lib.mesh_from_config(config.mesh)
+  mesh = evaluators.local_mesh(config.mesh)
   cascade = None
   rows = []
   for step in steps:
     step_dir = os.path.join(out_root, f"step_{step}")
     t0 = time.perf_counter()
-    images = reuse_samples(step_dir, prompts, int(ec.seed), float(ec.guidance), step)
+    images = reuse_samples(step_dir, prompts, int(ec.seed), float(ec.guidance), step,
+                           rows=mine)
     grid_png = os.path.join(step_dir, "prompts", f"grid_{int(config.data.resolution)}px.png")
-    if images is None or not os.path.isfile(grid_png):
+    # Decided together: sampling (generate_share) gathers from every process.
+    if multihost.any_process(images is None or (main and not os.path.isfile(grid_png))):
       stage = cascade_lib.load_stage(workdir, step=step, weights=ec.weights, mesh=mesh)
       if cascade is None:
         cascade = cascade_lib.Cascade([stage], mesh=mesh)
       else:  # same network and shapes: keep the compiled sampler, swap the weights
         cascade.stages[0] = stage
-      out = cascade.generate(prompts, seed=int(ec.seed), settings=settings,
-                             batch_size=int(ec.batch_size), out_dir=step_dir,
-                             grid_size=int(ec.grid_size))
-      cascade.generate(grid_prompts, seed=int(ec.grid_seed), settings=settings,
-                       batch_size=int(ec.batch_size), progress=False,
-                       out_dir=os.path.join(step_dir, "prompts"),
-                       grid_size=len(grid_prompts))
+      out, _ = evaluators.generate_share(cascade, prompts, seed=int(ec.seed),
+                                         settings=settings, batch_size=int(ec.batch_size),
+                                         out_dir=step_dir, grid_size=int(ec.grid_size))
+      if main:
+        cascade.generate(grid_prompts, seed=int(ec.grid_seed), settings=settings,
+                         batch_size=int(ec.batch_size), progress=False,
+                         out_dir=os.path.join(step_dir, "prompts"),
+                         grid_size=len(grid_prompts))
       images = out.images[0]
-    else:
-      print(f"step {step}: reusing the {len(images)} samples in {step_dir} (same captions, "
+    elif main:
+      print(f"step {step}: reusing the {len(prompts)} samples in {step_dir} (same captions, "
             "seed and guidance)")
     sample_s = time.perf_counter() - t0
-    feats = fid_lib.inception_features(images, batch_size=int(ec.batch_size),
-                                       weights=inception, resize=ec.fid_resize)
+    feats, image_feats = evaluators.share_features(context, scorer, images)
+    if not main:
+      continue
+    if multihost.process_count() > 1:
+      images = None  # only this process's share; the scorer has image_feats
     np.savez(os.path.join(step_dir, "features.npz"), features=feats)
     fid, low, high = kid_lib.fid_interval(feats, ref_feats, resamples=int(ec.bootstrap),
                                           seed=int(ec.seed))
@@ -201,14 +220,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # std of their mean (the subsets overlap, so the mean's own std is not known exactly).
     row = {"step": int(step), "fid": fid, "fid_low": low, "fid_high": high, "kid": kid,
            "kid_std": kid_std, "kid_low": kid - 1.96 * kid_std, "kid_high": kid + 1.96 * kid_std,
-           "precision": precision, "recall": recall, **scorer.score(feats, images, prompts),
-           "num_images": len(images), "sample_s": sample_s,
+           "precision": precision, "recall": recall,
+           **scorer.score(feats, images, prompts, image_features=image_feats),
+           "num_images": len(feats), "sample_s": sample_s,
            "grid": os.path.join(f"step_{step}", "prompts", f"grid_{res}px.png"),
            "samples_grid": os.path.join(f"step_{step}", f"grid_{res}px.png")}
     rows.append(row)
     print(f"step {step}: FID {fid:.1f} [{low:.1f}, {high:.1f}], KID {kid:.4f} ± {kid_std:.4f}, "
           f"{scorer.name} {row[scorer.name]:.3f} ({sample_s:.0f} s sampling)", flush=True)
 
+  if not main:
+    return {"process_index": multihost.process_index(), "steps": steps}
   last = rows[-1]
   result = {
       "metric": scorer.name, "rows": rows, "fid_floor": floor,
