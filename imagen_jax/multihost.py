@@ -70,6 +70,11 @@ def gather(x: np.ndarray) -> np.ndarray:
   x = np.asarray(x)
   if jax.process_count() == 1:
     return x
+  if x.dtype.itemsize == 8 and x.ndim:
+    # JAX without jax_enable_x64 would narrow int64/float64 to 32 bits; their bytes as
+    # pairs of uint32 words travel exactly.
+    words = np.ascontiguousarray(x).view(np.uint32)
+    return gather(words).view(x.dtype)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   lengths = np.asarray(multihost_utils.process_allgather(np.int64(x.shape[0]))).reshape(-1)
   if not lengths.max():
