@@ -79,7 +79,7 @@ def test_shares_tile_the_items_on_batch_boundaries(n, align, count):
 
 def test_single_process_helpers_are_identities():
   x = np.arange(6, dtype=np.float32).reshape(3, 2)
-  assert multihost.gather(x) is x or np.array_equal(multihost.gather(x), x)
+  assert multihost.gather(x) is x  # no copy, no collective
   assert multihost.share(7) == slice(0, 7)
   assert multihost.any_process(True) and not multihost.any_process(False)
   multihost.agree(["a"], "captions")
