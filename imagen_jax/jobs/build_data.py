@@ -15,9 +15,12 @@ With --config.data.beam=True (image_text_folder only) the build is an Apache Bea
     --config.data.dataset=image_text_folder --config.data.source_dir=/mnt/laion/shards \
     --config.data.data_dir=gs://BUCKET/tfds --config.data.beam=True \
     --config.data.beam_options="--runner=DataflowRunner --project=P --region=R \
-      --temp_location=gs://BUCKET/tmp --requirements_file=requirements.txt"
+      --temp_location=gs://BUCKET/tmp --requirements_file=requirements.txt \
+      --extra_package=dist/imagen_jax-0.1.0-py3-none-any.whl"
 
-("" = DirectRunner on this machine, one process per core).
+("" = DirectRunner on this machine, one process per core). The workers import imagen_jax
+(the wheel: `pip wheel --no-deps -w dist .`) and read source_dir at the same path (a shared
+mount); README.md, section Data, says more.
 """
 
 from __future__ import annotations
