@@ -210,6 +210,25 @@ def test_test_fraction_splits_shards_once_with_beam(sets, tar_builds):
   assert all((itf.held_out_fraction(i) < 0.4) == (s == "test") for s in ids for i in ids[s])
 
 
+def test_manifest_with_several_captions_same_with_beam(tmp_path):
+  """Layout b: an image with several captions (one example each, decoded once), a row naming
+  a missing file and a bad row; Beam numbers the examples as ImageTextFolder orders them."""
+  src = tmp_path / "manifest"
+  rows = []
+  for i in range(6):
+    data, ext = _image_bytes(i)
+    _write(src / f"img{i}{ext}", data)
+    rows.append({"file_name": f"img{i}{ext}",
+                 "caption": [f"first of {i}", f"second of {i}", " "] if i % 2 else f"only {i}"})
+  rows += [{"file_name": "gone.png", "caption": "x"}, {"caption": "no file"}]
+  (src / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+  plain = _build(src, tmp_path / "plain", beam=False)
+  beam = _build(src, tmp_path / "beam", beam=True)
+  _assert_same_dataset(plain, beam)
+  assert len(_rows(beam, "train")) == 3 * 2 + 3
+  assert _skipped(beam)[0] == _zero(empty_caption=3, missing_file=1, bad_manifest_row=1)
+
+
 def test_read_shard_truncated_and_not_a_tar(tmp_path):
   good = tmp_path / "good.tar"
   with tarfile.open(good, "w") as tar:
