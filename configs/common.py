@@ -76,6 +76,10 @@ def stage_config(kind: str, variant: str, *, model: dict[str, Any],
   # per style in each split (0 = all); source_dir/resize are for dataset="image_text_folder".
   c.data.update(dataset="emoji_cascade", data_dir="", limit=0, source_dir="",
                 resize="center_crop", train_split="train", eval_split="test", workers=0)
+  # --mode=build_data of image_text_folder through Apache Beam (imagen_jax/data/settings.py):
+  # beam_options are Beam's flags, e.g. "--runner=DataflowRunner --project=P --region=R
+  # --temp_location=gs://B/tmp"; "" = DirectRunner here, one process per core.
+  c.data.update(beam=False, beam_options="")
 
   # Training schedule options and the sampler of the log's sample grids (and later eval).
   # weighting_kw: the loss weighting's arguments, e.g. {'gamma': 5.0} for min_snr.

@@ -233,7 +233,7 @@ def test_bad_items_are_skipped_and_counted(tmp_path, monkeypatch):
   assert builder.info.metadata["skipped"] == {
       "missing_caption": 1, "empty_caption": 2, "unreadable_caption": 1,
       "bad_manifest_row": 3, "missing_file": 1, "unreadable_image": 3, "too_large": 2,
-      "too_small": 1, "outside_splits": 1}
+      "too_small": 1, "outside_splits": 1, "unreadable_shard": 0}
   examples = builder.info.metadata["skipped_examples"]
   assert sorted(examples["unreadable_image"]) == ["train/notes.png", "train/truncated.jpg",
                                                   "train/zero.jpg"]
