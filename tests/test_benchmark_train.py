@@ -168,3 +168,11 @@ def test_accelerator_path_end_to_end_on_cpu(tmp_path):
   assert row["dtype"] == "bfloat16" and row["batch"] == "2" and row["devices"] == "1"
   assert row["peak_device_mib"] == ""  # XLA:CPU keeps no allocator statistics
   assert float(row["images_per_s"]) > 0 and 0 < float(row["mfu"]) < 1
+
+
+def test_peak_device_memory_is_the_largest_over_devices():
+  def device(stats):
+    return type("D", (), {"memory_stats": lambda self: stats})()
+  assert train.peak_device_bytes([device({"peak_bytes_in_use": 5, "bytes_in_use": 9}),
+                                  device({"peak_bytes_in_use": 7})]) == 7
+  assert train.peak_device_bytes([device(None), device({})]) is None  # XLA:CPU: no stats
