@@ -8,6 +8,9 @@
 #               for ~2 CPU hours by the noise-schedule study's recipe; assets/README.md)
 #               from eight prompts, to show what longer training reaches
 #   make test   the test suite (what CI runs, through .ci/run)
+#   make install ACCEL=gpu|tpu   .venv/ for NVIDIA GPUs (CUDA 12) or Cloud TPU VMs: the CPU
+#               install plus requirements-gpu.txt / requirements-tpu.txt (demo and test
+#               ignore ACCEL)
 
 PYTHON ?= python3
 VENV := .venv
@@ -16,10 +19,15 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 # TFDS data directory for the demo's datasets (built once, then reused).
 DATA_DIR ?= $(CURDIR)/data/tfds
+# Accelerator for `make install`: empty (CPU), gpu or tpu.
+ACCEL ?=
+ifneq ($(filter-out gpu tpu,$(ACCEL)),)
+$(error ACCEL=$(ACCEL): use ACCEL=gpu (NVIDIA, CUDA 12) or ACCEL=tpu (Cloud TPU VM), or leave it unset for CPU)
+endif
 
 .PHONY: demo test install clean-venv
 
-install: $(STAMP)
+install: $(STAMP) $(if $(ACCEL),$(VENV)/.installed-$(ACCEL))
 
 # Reinstalls when the pins change. `pip install -e .` makes `imagen_jax` importable from
 # anywhere (scripts, benchmarks, subprocess tests).
@@ -29,6 +37,12 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+# The accelerator's jax plugins on top (their files keep jax at requirements.txt's pin);
+# redone after the CPU install reran, since that may have changed jax.
+$(VENV)/.installed-gpu $(VENV)/.installed-tpu: $(VENV)/.installed-%: requirements-%.txt $(STAMP)
+	$(PY) -m pip install --quiet -r $<
 	touch $@
 
 demo: $(STAMP)

@@ -41,18 +41,31 @@ _OPT_OUT = "IMAGEN_JAX_XLA_DEFAULTS"
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imagen_jax", "xla")
 
-# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, by jax `device_kind`
-# substring (lower case). A CPU is measured instead.
+# Dense bf16 peak FLOP/s per device (a GPU, or a TPU chip as JAX shows it), from the
+# vendors' data sheets, keyed by a lower-case substring of jax's `device_kind`; the
+# longest key that matches wins ("tpu v5 lite" over "tpu v5", "h100 pcie" over "h100").
+# Kinds as JAX reports them: "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3",
+# "NVIDIA H100 PCIe", "NVIDIA H200", "TPU v4", "TPU v5 lite" (v5e), "TPU v5" / "TPU v5p"
+# (v5p), "TPU v6 lite" (v6e, Trillium). A CPU is measured instead (measured_cpu_flops).
 PEAK_FLOPS = {
     "a100": 312e12,
-    "h100": 989e12,
-    "h200": 989e12,
+    "h100": 989e12,  # SXM
+    "h100 pcie": 756e12,
+    "h200": 989e12,  # also GH200
     "tpu v4": 275e12,
     "tpu v5 lite": 197e12,  # v5e
     "tpu v5e": 197e12,
+    "tpu v5": 459e12,  # v5p
     "tpu v5p": 459e12,
-    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,  # v6e
 }
+
+
+def peak_flops_for_kind(device_kind: str) -> float | None:
+  """The data sheet's dense bf16 FLOP/s for a jax `device_kind`, or None if unknown."""
+  kind = device_kind.lower()
+  matches = [key for key in PEAK_FLOPS if key in kind]
+  return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 def _flag_name(flag: str) -> str:
@@ -129,10 +142,9 @@ def peak_flops_per_device(device=None) -> tuple[float, str]:
     # XLA's CPU devices share the host's cores; with N simulated devices each gets 1/N.
     n = len(jax.devices("cpu"))
     return measured_cpu_flops() / n, "measured: best float32 XLA matmul on this CPU"
-  kind = device.device_kind.lower()
-  for key, flops in PEAK_FLOPS.items():
-    if key in kind:
-      return flops, f"data sheet, dense bf16 ({device.device_kind})"
+  flops = peak_flops_for_kind(device.device_kind)
+  if flops is not None:
+    return flops, f"data sheet, dense bf16 ({device.device_kind})"
   raise ValueError(f"No peak FLOP/s known for device kind {device.device_kind!r}; pass "
-                   "it explicitly (log.peak_flops / --peak) or add it to "
+                   "it explicitly (log.peak_flops / benchmarks/train.py --peak) or add it to "
                    "imagen_jax.runtime.PEAK_FLOPS.")
