@@ -38,6 +38,7 @@ VARIANTS = (
     ("XNNPACK convolutions", "--xla_cpu_experimental_ynn_fusion_type= "
      "--xla_cpu_experimental_xnn_fusion_type=individual_convolution"),
     ("oneDNN", "--xla_cpu_use_onednn=true"),
+    ("oneDNN, YNNPACK off", "--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type="),
 )
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagen_jax.models import fused
 from imagen_jax.sharding import logical as _names
 
 Array = jax.Array
@@ -32,13 +33,33 @@ Dtype = Any
 nnx.use_eager_sharding(False)
 
 
+class Conv(nnx.Conv):
+  """nnx.Conv (same parameters, same initialisation) for NHWC inputs and "SAME" padding,
+  whose bias gradient is `fused.channel_sum` (models/fused.py says why)."""
+
+  def __call__(self, x: Array) -> Array:
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype), strides, self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+    return fused.bias_add(y, self.bias[...].astype(self.dtype))
+
+
+class GroupNorm(nnx.GroupNorm):
+  """nnx.GroupNorm (same parameters, same initialisation) computed by `fused.group_norm`,
+  whose backward takes two passes over the activations where autodiff's takes several."""
+
+  def __call__(self, x: Array) -> Array:
+    return fused.group_norm(x, self.scale[...], self.bias[...], self.num_groups, self.epsilon)
+
+
 def conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, *, dtype: Dtype, stride: int = 1,
-         zero: bool = False) -> nnx.Conv:
+         zero: bool = False) -> Conv:
   """A k x k convolution with logical names; `zero` initialises it to output 0 (so a
   residual branch starts as the identity)."""
   init = nnx.initializers.zeros_init() if zero else nnx.initializers.variance_scaling(
       1.0, "fan_avg", "uniform")
-  return nnx.Conv(cin, cout, (k, k), strides=stride, padding="SAME", dtype=dtype,
+  return Conv(cin, cout, (k, k), strides=stride, padding="SAME", dtype=dtype,
                   kernel_init=init, rngs=rngs,
                   kernel_metadata=_names(None, None, "conv_in", "conv_out"),
                   bias_metadata=_names("conv_out"))
@@ -51,9 +72,9 @@ def dense(cin: int, cout: int, rngs: nnx.Rngs, *, dtype: Dtype, names=("embed", 
                     kernel_metadata=_names(*names), bias_metadata=_names(names[1]))
 
 
-def group_norm(ch: int, rngs: nnx.Rngs, *, dtype: Dtype, groups: int = 32) -> nnx.GroupNorm:
+def group_norm(ch: int, rngs: nnx.Rngs, *, dtype: Dtype, groups: int = 32) -> GroupNorm:
   # Statistics in float32 whatever the compute dtype (bf16 variance is too coarse).
-  return nnx.GroupNorm(ch, num_groups=math.gcd(groups, ch), dtype=jnp.float32, rngs=rngs,
+  return GroupNorm(ch, num_groups=math.gcd(groups, ch), dtype=jnp.float32, rngs=rngs,
                        scale_metadata=_names("conv_out"), bias_metadata=_names("conv_out"))
 
 
