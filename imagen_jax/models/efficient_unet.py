@@ -256,6 +256,6 @@ class EfficientUNet(nnx.Module):
           skip = (skip * self.skip_scale).astype(skip.dtype)
         h = jnp.concatenate([h, skip], -1)
       h = level(h, cond, text, text_mask)
-    h = jax.nn.silu(self.norm_out(h)).astype(self.dtype)
+    h = self.norm_out.silu(h).astype(self.dtype)
     return self.conv_out(h).astype(jnp.float32)
 

@@ -12,6 +12,11 @@ for the two per-(example, channel) sums, one for the input gradient.
 `group_norm` and `bias_add` compute the same functions as flax's `nnx.GroupNorm` and a
 plain `y + b` (the statistics in float32, two-pass variance instead of E[x^2] - E[x]^2,
 which differs in the last float32 bits); `channel_sum` is the fast [.., C] -> [C] sum.
+`group_norm_silu` is GroupNorm, an optional per-example scale and shift (the residual
+blocks' conditioning) and SiLU as one op: the three are one affine map per (example,
+channel) and a SiLU, so its backward recomputes the pre-activation from x instead of
+storing it and takes the conditioning's gradients from the same two per-(example, channel)
+sums GroupNorm's backward needs (autodiff summed [B, H, W, C] -> [B, C] twice more).
 They are backend-neutral JAX, so GPUs and TPUs run the same maths.
 """
 
@@ -128,3 +133,66 @@ def _gn_bwd(groups, eps, res, dy):
 
 
 group_norm.defvjp(_gn_fwd, _gn_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gn_silu(x: Array, scale: Array, bias: Array, film_scale: Array, film_shift: Array,
+             groups: int, eps: float) -> Array:
+  return _gn_silu_fwd(x, scale, bias, film_scale, film_shift, groups, eps)[0]
+
+
+def _gn_silu_coeffs(x32, scale, bias, film_scale, film_shift, groups, eps):
+  """r, q [B, C] (xhat = x r + q) and a, c [B, C] with the pre-activation x a + c."""
+  r, q = _affine(x32, groups, eps)
+  g1 = 1.0 + film_scale
+  return r, q, *jax.lax.optimization_barrier(
+      (r * scale * g1, (q * scale + bias) * g1 + film_shift))
+
+
+def _gn_silu_fwd(x, scale, bias, film_scale, film_shift, groups, eps):
+  x32 = x.astype(jnp.float32)
+  r, q, a, c = _gn_silu_coeffs(x32, scale, bias, film_scale, film_shift, groups, eps)
+  y = jax.nn.silu(x32 * _bcast(a, x.ndim) + _bcast(c, x.ndim))
+  return y, (x, scale, bias, film_scale, r, q, a, c)
+
+
+def _gn_silu_bwd(groups, eps, res, dy):
+  del eps
+  x, scale, bias, film_scale, r, q, a, c = res
+  b, ch = x.shape[0], x.shape[-1]
+  gs = ch // groups
+  n = math.prod(x.shape[1:-1]) * gs  # elements per (example, group)
+  x32 = x.astype(jnp.float32)
+  pre = x32 * _bcast(a, x.ndim) + _bcast(c, x.ndim)  # recomputed, not stored
+  sig = jax.nn.sigmoid(pre)
+  dpre = dy.astype(jnp.float32) * sig * (1.0 + pre * (1.0 - sig))
+  # Per-(example, channel) sums of dpre and dpre * xhat; barrier as in `_gn_bwd`.
+  s_d = _per_example_channel_sum(dpre)
+  s_dxhat = r * _per_example_channel_sum(dpre * x32) + q * s_d
+  s_dxhat, s_d = jax.lax.optimization_barrier((s_dxhat, s_d))
+  g1 = 1.0 + film_scale
+  d_shift = s_d                                # pre = g (1 + s) + t, g = xhat scale + bias
+  d_film_scale = scale * s_dxhat + bias * s_d  # sum of dpre * g
+  d_scale, d_bias = (g1 * s_dxhat).sum(0), (g1 * s_d).sum(0)
+  # GroupNorm's input gradient with the per-(example, channel) scale scale * (1 + s).
+  eff = scale * g1
+  m1 = _per_channel((s_d * eff).reshape(b, groups, gs).sum(-1) / n, gs)
+  m2 = _per_channel((s_dxhat * eff).reshape(b, groups, gs).sum(-1) / n, gs)
+  ca, cb, cc = jax.lax.optimization_barrier((r * eff, -r * r * m2, -r * (m1 + q * m2)))
+  dx = dpre * _bcast(ca, x.ndim) + x32 * _bcast(cb, x.ndim) + _bcast(cc, x.ndim)
+  return (dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype),
+          d_film_scale.astype(film_scale.dtype), d_shift.astype(film_scale.dtype))
+
+
+_gn_silu.defvjp(_gn_silu_fwd, _gn_silu_bwd)
+
+
+def group_norm_silu(x: Array, scale: Array, bias: Array, groups: int, eps: float = 1e-6,
+                    film_scale: Array | None = None, film_shift: Array | None = None
+                    ) -> Array:
+  """silu(GroupNorm(x) * (1 + film_scale) + film_shift), float32 out: GroupNorm as
+  `group_norm`, then an optional per-example conditioning scale and shift [B, C]."""
+  zeros = jnp.zeros((x.shape[0], x.shape[-1]), jnp.float32)
+  s = zeros if film_scale is None else film_scale.astype(jnp.float32)
+  t = zeros if film_shift is None else film_shift.astype(jnp.float32)
+  return _gn_silu(x, scale, bias, s, t, groups, eps)

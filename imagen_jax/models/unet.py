@@ -217,5 +217,5 @@ class UNet(nnx.Module):
           h = self._run(self.up_attn[j][i], h, text, tm)
       if j < len(self.upsample):
         h = self._resample(self.upsample[j], h, cond)
-    h = jax.nn.silu(self.norm_out(h)).astype(h.dtype)
+    h = self.norm_out.silu(h).astype(h.dtype)
     return self.conv_out(h).astype(jnp.float32)

@@ -52,6 +52,41 @@ def test_group_norm_and_its_gradients_match_flax(shape, groups):
     _close(a, b)
 
 
+@pytest.mark.parametrize("shape,groups,film", [((2, 8, 8, 64), 32, True),
+                                               ((3, 4, 6, 96), 32, False),
+                                               ((2, 4, 4, 12), 4, True)])
+def test_group_norm_silu_and_its_gradients_match_the_composition(shape, groups, film):
+  """silu(GroupNorm(x) * (1 + s) + t) as one op: value and every gradient (x, the norm's
+  scale and bias, the conditioning s and t) against autodiff of flax's layers."""
+  ks = jax.random.split(jax.random.key(10), 6)
+  x = 3.0 * jax.random.normal(ks[0], shape) + 1.5
+  b, c = shape[0], shape[-1]
+  scale = 1.0 + 0.3 * jax.random.normal(ks[1], (c,))
+  bias = 0.2 * jax.random.normal(ks[2], (c,))
+  s = 0.5 * jax.random.normal(ks[3], (b, c))
+  t = 0.5 * jax.random.normal(ks[4], (b, c))
+  ct = jax.random.normal(ks[5], shape)
+  bc = lambda v: v.reshape(b, *(1,) * (len(shape) - 2), c)
+
+  def ours(x, scale, bias, s, t):
+    if not film:
+      return fused.group_norm_silu(x, scale, bias, groups)
+    return fused.group_norm_silu(x, scale, bias, groups, film_scale=s, film_shift=t)
+
+  def ref(x, scale, bias, s, t):
+    g = _flax_group_norm(x, scale, bias, groups)
+    return jax.nn.silu(g * (1.0 + bc(s)) + bc(t) if film else g)
+
+  args = (x, scale, bias, s, t)
+  _close(ours(*args), ref(*args))
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * ct)
+  got = jax.grad(loss(ours), argnums=(0, 1, 2, 3, 4))(*args)
+  want = jax.grad(loss(ref), argnums=(0, 1, 2, 3, 4))(*args)
+  for name, a, w in zip(("x", "scale", "bias", "film_scale", "film_shift"), got, want):
+    if film or name in ("x", "scale", "bias"):
+      _close(a, w)
+
+
 def test_group_norm_bfloat16_input_keeps_float32_statistics():
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 64)) * 5 + 2
   s, b = jnp.ones(64), jnp.zeros(64)
