@@ -36,6 +36,10 @@ from test_launch import as_result, assert_user_error, launch  # pylint: disable=
 STEPS = 20
 COMMON = (f"--config.train.steps={STEPS}", "--config.ckpt.every=5", "--config.log.every=5",
           "--config.log.sample_every=10", "--config.ckpt.async_save=False")
+# For the launches that only check training: the grids (compiling and running the
+# sampler, ~10 s of a smoke launch) are the uninterrupted run's to test. They use their
+# own fixed RNG key, so leaving them out changes no training step.
+NO_GRIDS = "--config.log.sample_every=0"
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +98,11 @@ def test_kill_9_then_resume_equals_uninterrupted_bit_for_bit(uninterrupted, data
   # polling from outside cannot hit a chosen step of a run this fast).
   kill_at = int(np.random.default_rng().integers(6, STEPS))
   env = dict(os.environ, JAX_PLATFORMS="cpu", **{trainer.KILL_AT_STEP_ENV: str(kill_at)})
-  proc = subprocess.run([sys.executable, "launch.py", *train_args(tmp_path, data_dir)],
+  args = train_args(tmp_path, data_dir, "configs/base64.py:smoke", NO_GRIDS)
+  proc = subprocess.run([sys.executable, "launch.py", *args],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr)
-  resumed = launch(*train_args(tmp_path, data_dir))
+  resumed = launch(*args)
   assert resumed.returncode == 0, resumed.stderr
   assert "resumed from step" in resumed.stdout
   step_a, a = final_params(uninterrupted)
@@ -109,7 +114,8 @@ def test_kill_9_then_resume_equals_uninterrupted_bit_for_bit(uninterrupted, data
 
 def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  args = train_args(tmp_path, data_dir, "configs/base64.py:smoke", "--config.train.steps=100000")
+  args = train_args(tmp_path, data_dir, "configs/base64.py:smoke", "--config.train.steps=100000",
+                    NO_GRIDS)
   proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
@@ -137,7 +143,7 @@ def test_resume_on_another_mesh(uninterrupted, data_dir, tmp_path):
   (tmp_path / "metrics.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in reference if r["step"] <= 10))
   second = launch(*train_args(tmp_path, data_dir, "configs/base64.py:smoke",
-                              "--config.mesh.data=2", "--config.mesh.fsdp=4"))
+                              "--config.mesh.data=2", "--config.mesh.fsdp=4", NO_GRIDS))
   assert second.returncode == 0, second.stderr
   assert "resumed from step 10" in second.stdout
   rows = read_rows(tmp_path)
@@ -167,7 +173,7 @@ def test_two_processes_match_one(uninterrupted, data_dir, tmp_path):
   """2 processes x 4 CPU devices (gloo on loopback) vs 1 process x 8 devices (the first
   10 steps of the uninterrupted run: its sample grids use their own fixed RNG key, so
   they do not change the training steps)."""
-  steps = ("--config.train.steps=10", "--config.log.sample_every=0")
+  steps = ("--config.train.steps=10", NO_GRIDS)
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
