@@ -108,28 +108,40 @@ def _gn_fwd(x, scale, bias, groups, eps):
   return y, (x, scale, r, q)
 
 
+def _grad_sums(d: Array, x32: Array, r: Array, q: Array) -> tuple[Array, Array]:
+  """The two per-(example, channel) sums GroupNorm's backward needs, from the cotangent d
+  of the normalised-and-scaled output and x alone (xhat = x r + q): sum(d), sum(d xhat)."""
+  s_d = _per_example_channel_sum(d)                          # [B, C]
+  s_dxhat = r * _per_example_channel_sum(d * x32) + q * s_d  # sum of d * xhat
+  # The barrier keeps XLA from merging the callers' [B, C] -> [C] sums with these into
+  # the single slow reduction this module exists to avoid.
+  return jax.lax.optimization_barrier((s_d, s_dxhat))
+
+
+def _input_grad(d: Array, x32: Array, r: Array, q: Array, eff: Array, s_d: Array,
+                s_dxhat: Array, groups: int) -> Array:
+  """GroupNorm's input gradient, float32, for the output xhat * eff (+ anything not
+  depending on x), eff the per-channel [C] or per-(example, channel) [B, C] scale.
+
+  dxhat = d eff; dx = r (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), written as
+  d * ca + x * cb + cc with per-(example, channel) coefficients: one pass."""
+  b, c = x32.shape[0], x32.shape[-1]
+  gs = c // groups
+  n = math.prod(x32.shape[1:-1]) * gs  # elements per (example, group)
+  m1 = _per_channel((s_d * eff).reshape(b, groups, gs).sum(-1) / n, gs)
+  m2 = _per_channel((s_dxhat * eff).reshape(b, groups, gs).sum(-1) / n, gs)
+  ca, cb, cc = jax.lax.optimization_barrier((r * eff, -r * r * m2, -r * (m1 + q * m2)))
+  return d * _bcast(ca, x32.ndim) + x32 * _bcast(cb, x32.ndim) + _bcast(cc, x32.ndim)
+
+
 def _gn_bwd(groups, eps, res, dy):
   del eps
   x, scale, r, q = res
-  b, c = x.shape[0], x.shape[-1]
-  gs = c // groups
-  n = math.prod(x.shape[1:-1]) * gs  # elements per (example, group)
-  dy = dy.astype(jnp.float32)
-  x32 = x.astype(jnp.float32)
-  # The two per-(example, channel) sums, from dy and x alone (xhat = x r + q).
-  s_dy = _per_example_channel_sum(dy)                  # [B, C]
-  s_dyx = r * _per_example_channel_sum(dy * x32) + q * s_dy  # sum of dy * xhat
-  # The barrier keeps XLA from merging these [B, C] -> [C] sums with the ones above into
-  # the single slow reduction this module exists to avoid.
-  s_dyx, s_dy = jax.lax.optimization_barrier((s_dyx, s_dy))
-  d_scale, d_bias = s_dyx.sum(0), s_dy.sum(0)
-  # dxhat = dy scale; dx = r (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), written as
-  # dy * ca + x * cb + cc with per-(example, channel) coefficients: one pass.
-  m1 = _per_channel((s_dy * scale).reshape(b, groups, gs).sum(-1) / n, gs)
-  m2 = _per_channel((s_dyx * scale).reshape(b, groups, gs).sum(-1) / n, gs)
-  ca, cb, cc = jax.lax.optimization_barrier((r * scale, -r * r * m2, -r * (m1 + q * m2)))
-  dx = dy * _bcast(ca, x.ndim) + x32 * _bcast(cb, x.ndim) + _bcast(cc, x.ndim)
-  return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+  dy, x32 = dy.astype(jnp.float32), x.astype(jnp.float32)
+  s_dy, s_dyx = _grad_sums(dy, x32, r, q)
+  dx = _input_grad(dy, x32, r, q, scale, s_dy, s_dyx, groups)
+  return (dx.astype(x.dtype), s_dyx.sum(0).astype(scale.dtype),
+          s_dy.sum(0).astype(scale.dtype))
 
 
 group_norm.defvjp(_gn_fwd, _gn_bwd)
@@ -159,27 +171,17 @@ def _gn_silu_fwd(x, scale, bias, film_scale, film_shift, groups, eps):
 def _gn_silu_bwd(groups, eps, res, dy):
   del eps
   x, scale, bias, film_scale, r, q, a, c = res
-  b, ch = x.shape[0], x.shape[-1]
-  gs = ch // groups
-  n = math.prod(x.shape[1:-1]) * gs  # elements per (example, group)
   x32 = x.astype(jnp.float32)
   pre = x32 * _bcast(a, x.ndim) + _bcast(c, x.ndim)  # recomputed, not stored
   sig = jax.nn.sigmoid(pre)
   dpre = dy.astype(jnp.float32) * sig * (1.0 + pre * (1.0 - sig))
-  # Per-(example, channel) sums of dpre and dpre * xhat; barrier as in `_gn_bwd`.
-  s_d = _per_example_channel_sum(dpre)
-  s_dxhat = r * _per_example_channel_sum(dpre * x32) + q * s_d
-  s_dxhat, s_d = jax.lax.optimization_barrier((s_dxhat, s_d))
+  s_d, s_dxhat = _grad_sums(dpre, x32, r, q)
   g1 = 1.0 + film_scale
-  d_shift = s_d                                # pre = g (1 + s) + t, g = xhat scale + bias
+  # pre = g (1 + s) + t with g = xhat scale + bias, the GroupNorm output.
+  d_shift = s_d
   d_film_scale = scale * s_dxhat + bias * s_d  # sum of dpre * g
   d_scale, d_bias = (g1 * s_dxhat).sum(0), (g1 * s_d).sum(0)
-  # GroupNorm's input gradient with the per-(example, channel) scale scale * (1 + s).
-  eff = scale * g1
-  m1 = _per_channel((s_d * eff).reshape(b, groups, gs).sum(-1) / n, gs)
-  m2 = _per_channel((s_dxhat * eff).reshape(b, groups, gs).sum(-1) / n, gs)
-  ca, cb, cc = jax.lax.optimization_barrier((r * eff, -r * r * m2, -r * (m1 + q * m2)))
-  dx = dpre * _bcast(ca, x.ndim) + x32 * _bcast(cb, x.ndim) + _bcast(cc, x.ndim)
+  dx = _input_grad(dpre, x32, r, q, scale * g1, s_d, s_dxhat, groups)
   return (dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype),
           d_film_scale.astype(film_scale.dtype), d_shift.astype(film_scale.dtype))
 

@@ -82,9 +82,8 @@ def test_group_norm_silu_and_its_gradients_match_the_composition(shape, groups, 
   loss = lambda fn: lambda *a: jnp.sum(fn(*a) * ct)
   got = jax.grad(loss(ours), argnums=(0, 1, 2, 3, 4))(*args)
   want = jax.grad(loss(ref), argnums=(0, 1, 2, 3, 4))(*args)
-  for name, a, w in zip(("x", "scale", "bias", "film_scale", "film_shift"), got, want):
-    if film or name in ("x", "scale", "bias"):
-      _close(a, w)
+  for a, w in zip(got, want):  # without FiLM, both give zero s and t gradients
+    _close(a, w)
 
 
 def test_group_norm_bfloat16_input_keeps_float32_statistics():
