@@ -84,17 +84,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.sampler.update(steps=16)
   elif variant == "study":
     # 32 px: on the 2-core CPU a 64 px step of this network runs at ~14 img/s, 32 px at
-    # ~33 img/s, which is what lets six arms each train to recognizable emoji in the
-    # study's budget (experiments/README.md).
+    # 33-57 img/s (Intel Xeon / AMD EPYC), which is what lets six arms each train 1250
+    # steps, two at a time, in about two hours (experiments/README.md). The grids come
+    # from the eval job, so training does not sample.
     c.model.update(image_size=32, channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
                    attn_resolutions=(8,), dropout=0.0)
     c.data.update(resolution=32)
-    c.train.update(batch_size=32, steps=500)
+    c.train.update(batch_size=32, steps=1250)
     c.optim.update(lr=1e-3, warmup_steps=100, ema_decays=(0.995,))
     c.ckpt.update(every=250, keep=1000, async_save=False)
-    c.log.update(every=25, sample_every=500)
+    c.log.update(every=25, sample_every=0)
     c.diffusion.sampler.update(steps=20)
-    c.eval.update(steps=(250, 500), num_images=200, batch_size=100, reference_limit=0,
+    c.eval.update(steps=(250, 750, 1250), num_images=200, batch_size=100, reference_limit=0,
                   alignment=dict(train_limit=2000, dim=128, steps=600, batch_size=256,
                                  lr=1e-3, weight_decay=1e-4, candidates=100, seed=0))
   elif variant in ("500m", "2b"):

@@ -19,9 +19,9 @@ prompts. Arms (the list of issue 15, as in Study A, experiments/gmm_schedules.py
   sigmoid         cosine, eps target, sigmoid(2 - lambda) weighting (Kingma & Gao)
 
 Variants:
-  cpu    configs/base64.py:study: 32x32, the demo network (2.2M parameters), 500 steps of
-         batch 32, the checkpoints of steps 250 and 500 evaluated at 200 samples: about
-         an hour on the 2-core development CPU with --jobs 2
+  cpu    configs/base64.py:study: 32x32, the demo network (2.2M parameters), 1250 steps
+         of batch 32, the checkpoints of steps 250, 750 and 1250 evaluated at 200
+         samples: about two hours on the 2-core development CPU with --jobs 2
   quick  the same, 60 steps and 16 samples: that the pipeline runs, in minutes
   pod    configs/base64.py:500m (64x64, 549M parameters, T5-XXL), 3 seeds, for a cluster:
          pass T5's path with --config.data.text_encoder through `common` below and the
