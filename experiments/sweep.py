@@ -5,6 +5,7 @@ r"""The sweep driver: runs the arms of a sweep file through launch.py, then coll
   python experiments/sweep.py experiments/gmm_schedules.py:ring run --arm edm --arm v
   python experiments/sweep.py experiments/gmm_schedules.py:ring collate --out DIR
   python experiments/sweep.py experiments/gmm_schedules.py:ring all    # run, then collate
+  python experiments/sweep.py experiments/emoji_schedules.py:cpu16 prepare  # once, on a cluster
 
 A sweep file (experiments/*.py) holds `get_sweep(variant) -> dict`: a base config, named
 arms (each a dict of config overrides), the seeds every arm runs, overrides shared by
@@ -17,6 +18,9 @@ runs/sweeps/NAME). `run` skips the modes whose marker file exists and starts the
 the jobs resume from their own checkpoints where they have them, so an interrupted
 sweep is continued by running the same command again. On a cluster, `list` prints one
 launch.py command per run: give each array task one (or `run --task I` the I-th run).
+A sweep may declare `prepare` modes that run once, in ROOT/prepare, before any arm (the
+image study precomputes its text-embedding cache there, which every arm then reads):
+`run` and `all` do it first; on a cluster run the `prepare` action once before the array.
 
 `collate` reads every finished run (whatever has finished so far) and writes, to --out
 (default ROOT/results): results.md (the table), runs.csv (one row per run), summary.csv
@@ -54,6 +58,9 @@ SWEEP_KEYS = {
     "seed_keys": "config keys each seed is written to, e.g. ('train.seed',)",
     "common": "{config key: value} for every run (evaluation settings)",
     "modes": "((launch.py mode, file that marks it finished in the workdir), ...)",
+    "prepare": "((launch.py mode, marker file), ...) run once per sweep before any arm, in "
+               "ROOT/prepare with the common overrides: e.g. ('precompute', "
+               "'precompute.json') fills the text-embedding cache every arm reads (optional)",
     "results": "the JSON file in each workdir that collate reads",
     "metrics": "{metric key in results: 'lower' or 'higher' (which is better)}",
     "floors": "{metric: the results key of its floor}, drawn in the plots (optional)",
@@ -69,7 +76,7 @@ SWEEP_KEYS = {
     "describe": "one paragraph on what the sweep asks (optional)",
 }
 _OPTIONAL = {"floors": {}, "curve": None, "describe": "", "common": {}, "intervals": {},
-             "grid": None, "buckets": None}
+             "grid": None, "buckets": None, "prepare": ()}
 
 
 class SweepError(Exception):
@@ -107,6 +114,9 @@ def load_sweep(spec: str) -> dict[str, Any]:
         ([f"unknown keys {unknown}"] if unknown else []) +
         ([f"missing keys {missing}"] if missing else [])) +
         ". A sweep's keys are: " + "; ".join(f"{k}: {v}" for k, v in SWEEP_KEYS.items()))
+  if "prepare" in sweep["arms"]:
+    raise SweepError(f"{spec}: an arm is named 'prepare', the name of the sweep's one-off "
+                     "preparation (ROOT/prepare); rename the arm.")
   if sweep["reference"] not in sweep["arms"]:
     raise SweepError(f"{spec}: reference arm {sweep['reference']!r} is not one of the arms "
                      f"{list(sweep['arms'])}.")
@@ -140,6 +150,17 @@ def plan(sweep: dict[str, Any], root: str, arms: list[str] | None = None,
   return runs
 
 
+def prepare_run(sweep: dict[str, Any], root: str,
+                extra: dict[str, Any] | None = None) -> Run | None:
+  """The sweep's one-off preparation (its `prepare` modes) as a run in ROOT/prepare with
+  the common overrides and --set's, or None when the sweep has none."""
+  if not sweep["prepare"]:
+    return None
+  merged = {**sweep["common"], **(extra or {})}
+  return Run("prepare", 0, os.path.join(root, "prepare"),
+             {k: _fill(v, root) for k, v in merged.items()})
+
+
 def _value(v: Any) -> str:
   """A config override's value as launch.py (ml_collections) parses it."""
   return v if isinstance(v, str) else repr(v)
@@ -168,8 +189,12 @@ def _finished(path: str) -> bool:
   return True
 
 
+def _modes(sweep: dict[str, Any], run: Run) -> tuple:
+  return sweep["prepare"] if run.arm == "prepare" else sweep["modes"]
+
+
 def pending_modes(sweep: dict[str, Any], run: Run) -> list[str]:
-  return [mode for mode, marker in sweep["modes"]
+  return [mode for mode, marker in _modes(sweep, run)
           if not _finished(os.path.join(run.workdir, marker))]
 
 
@@ -522,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("sweep", help="experiments/FILE.py[:VARIANT]")
-  p.add_argument("action", choices=("list", "run", "collate", "all"))
+  p.add_argument("action", choices=("list", "prepare", "run", "collate", "all"))
   p.add_argument("--root", default="", help="runs go to ROOT/ARM/seedS "
                  "(default runs/sweeps/NAME)")
   p.add_argument("--arm", action="append", default=None, help="only this arm (repeatable)")
@@ -544,11 +569,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SweepError(f"--set {item!r}: write KEY=VALUE, e.g. --set data.data_dir=/data.")
       extra[key] = value
     runs = plan(sweep, root, args.arm, extra)
+    prep = prepare_run(sweep, root, extra)
     if args.task is not None:
       if not 0 <= args.task < len(runs):
         raise SweepError(f"--task {args.task}: the sweep has {len(runs)} runs (0..{len(runs) - 1}).")
       runs = [runs[args.task]]
     if args.action == "list":
+      if prep is not None:
+        todo = pending_modes(sweep, prep)
+        status = "finished" if not todo else f"to run: {', '.join(todo)}"
+        print(f"# [prepare] once, before any run ({status})")
+        for mode, _ in sweep["prepare"]:
+          print(shlex.join(command(sweep, prep, mode)))
       for i, run in enumerate(runs):
         todo = pending_modes(sweep, run)
         status = "finished" if not todo else f"to run: {', '.join(todo)}"
@@ -557,6 +589,19 @@ def main(argv: list[str] | None = None) -> int:
           print(shlex.join(command(sweep, run, mode)))
       return 0
     failed = 0
+    if prep is not None and args.action in ("prepare", "run", "all"):
+      if args.task is not None and pending_modes(sweep, prep):
+        # Array tasks would race to write the same cache: prepare once, then submit.
+        raise SweepError(f"--task {args.task}: the sweep's preparation "
+                         f"({', '.join(pending_modes(sweep, prep))}) has not run; run "
+                         f"`python experiments/sweep.py {args.sweep} prepare` (with the same "
+                         "--root and --set) once before the array tasks.")
+      _, status, seconds = execute(sweep, prep)
+      print(f"[prepare] {status}" + (f" in {seconds:.0f} s" if seconds else ""), flush=True)
+      if status.startswith("FAILED"):
+        print("The preparation failed; fix it and run the same command again.",
+              file=sys.stderr)
+        return 1
     if args.action in ("run", "all"):
       failed = run_all(sweep, runs, args.jobs)
     if args.action in ("collate", "all"):

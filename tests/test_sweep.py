@@ -173,7 +173,62 @@ def test_an_interrupted_training_is_not_finished(tmp_path):
   assert sweep_lib.pending_modes(sweep, run) == ["eval"]
 
 
-@pytest.mark.parametrize("spec", ["gmm_schedules.py:ring", "emoji_schedules.py:cpu",
+def test_prepare_runs_once_before_the_arms_and_array_tasks_wait_for_it(tmp_path):
+  spec = str(REPO / "experiments" / "emoji_schedules.py") + ":quick"
+  sweep = sweep_lib.load_sweep(spec)
+  root = tmp_path / "root"
+  prep = sweep_lib.prepare_run(sweep, str(root), {"data.data_dir": "/data"})
+  # In ROOT/prepare, with the common overrides (the cache every arm reads) and --set's.
+  assert prep.workdir == str(root / "prepare")
+  assert prep.overrides["data.embedding_cache"] == f"{root}/text_cache"
+  assert prep.overrides["data.data_dir"] == "/data"
+  assert all(r.overrides["data.embedding_cache"] == f"{root}/text_cache"
+             for r in sweep_lib.plan(sweep, str(root)))
+  assert sweep_lib.pending_modes(sweep, prep) == ["precompute"]
+  (root / "prepare").mkdir(parents=True)
+  (root / "prepare" / "precompute.json").write_text("{}")
+  assert sweep_lib.pending_modes(sweep, prep) == []
+  # The 32 px study on record has no preparation (it encodes captions at every step).
+  cpu = sweep_lib.load_sweep(str(REPO / "experiments" / "emoji_schedules.py") + ":cpu")
+  assert sweep_lib.prepare_run(cpu, str(root)) is None
+  assert all("data.embedding_cache" not in r.overrides for r in sweep_lib.plan(cpu, "/r"))
+
+  listed = _cli(spec, "list", "--root", str(tmp_path / "fresh"))
+  assert listed.returncode == 0, listed.stderr
+  head = listed.stdout.splitlines()[:2]
+  assert head[0] == "# [prepare] once, before any run (to run: precompute)"
+  assert "--mode=precompute" in head[1] and f"{tmp_path}/fresh/prepare" in head[1]
+  # An array task must not race the others to write the cache: it refuses until prepared.
+  task = _cli(spec, "run", "--task", "0", "--root", str(tmp_path / "fresh"))
+  assert task.returncode == 2 and "prepare" in task.stderr, task.stderr
+  assert not (tmp_path / "fresh" / "imagen").exists()
+
+
+def test_an_arm_may_not_take_the_preparations_name(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("def get_sweep(variant=None):\n"
+                  "  return dict(name='b', config='configs/base64.py:smoke',\n"
+                  "              arms={'prepare': {}, 'x': {}}, seeds=(0,), seed_keys=(),\n"
+                  "              modes=(('train', 'train_summary.json'),), results='r.json',\n"
+                  "              metrics={'fid': 'lower'}, reference='x')\n")
+  with pytest.raises(sweep_lib.SweepError, match="named 'prepare'"):
+    sweep_lib.load_sweep(str(path))
+
+
+def _overridden(config, overrides: dict, what: str):
+  """`config` with a run's overrides written in, each key asserted to exist."""
+  for key, value in overrides.items():
+    *parents, last = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    assert last in node, f"{what}: the config has no key {key}"
+    node[last] = value
+  return config
+
+
+@pytest.mark.parametrize("spec", ["gmm_schedules.py:ring", "emoji_schedules.py:cpu16",
+                                  "emoji_schedules.py:cpu", "emoji_schedules.py:quick",
                                   "emoji_schedules.py:pod"])
 def test_every_run_of_a_sweep_is_a_valid_config(spec):
   # Each run's overrides name keys its base config has (configs are locked: launch.py would
@@ -182,15 +237,15 @@ def test_every_run_of_a_sweep_is_a_valid_config(spec):
   from imagen_jax import config_checks, config_files  # pylint: disable=g-import-not-at-top
   sweep = sweep_lib.load_sweep(str(REPO / "experiments" / spec))
   for run in sweep_lib.plan(sweep, "/tmp/sweep-root"):
-    config = config_files.load(str(REPO / sweep["config"]))
-    for key, value in run.overrides.items():
-      *parents, last = key.split(".")
-      node = config
-      for part in parents:
-        node = node[part]
-      assert last in node, f"{spec} arm {run.arm}: the config has no key {key}"
-      node[last] = value
+    config = _overridden(config_files.load(str(REPO / sweep["config"])), run.overrides,
+                         f"{spec} arm {run.arm}")
     if spec.endswith(":pod"):
       continue  # its T5-XXL checkpoint is the user's (--set data.text_encoder=t5:DIR)
     for mode, _ in sweep["modes"]:
+      config_checks.validate(config, mode)
+  prep = sweep_lib.prepare_run(sweep, "/tmp/sweep-root")
+  if prep is not None and not spec.endswith(":pod"):
+    config = _overridden(config_files.load(str(REPO / sweep["config"])), prep.overrides,
+                         f"{spec} prepare")
+    for mode, _ in sweep["prepare"]:
       config_checks.validate(config, mode)
