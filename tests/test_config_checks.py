@@ -256,7 +256,7 @@ def test_missing_section_key_is_named():
 # Network configs (base64, sr256, sr1024) -------------------------------------------------
 
 NETWORK_CONFIGS = [(name, variant) for name, variants in
-                   (("base64", ("smoke", "demo", "study", "emoji", "500m", "2b")),
+                   (("base64", ("smoke", "demo", "study", "study16", "emoji", "500m", "2b")),
                     ("sr256", ("smoke", "emoji", "600m")),
                     ("sr1024", ("smoke", "emoji", "400m"))) for variant in variants]
 
