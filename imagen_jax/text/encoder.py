@@ -1,8 +1,12 @@
 """`TextEncoder`: a tokenizer and a frozen network behind one `encode(texts)` call.
 
 The network (T5 or BERT) is split into graph and state once and applied through one
-`jax.jit`; captions go through in fixed-size batches (the last one padded with empty rows)
-so a run compiles once whatever the number of captions. With a mesh, the weights are
+`jax.jit`; captions go through in batches of `batch_size` rows, and a call with fewer
+captions (the last batch, or a training batch of 8 captions) is padded with empty rows only
+up to the next power of two, so at most log2(batch_size) batch shapes get compiled and a
+training run, whose calls all have its batch size, compiles one. (Padding every call to
+`batch_size` made encoding 8 captions cost as much as 64: 0.4-0.6 s per training step of
+MiniLM on a 2-core CPU, benchmarks/results/train_loop.md.) With a mesh, the weights are
 placed by their logical axis names (FSDP for T5-XXL) and each batch is split over the
 mesh's data axes.
 
@@ -58,6 +62,7 @@ class TextEncoder:
     else:
       self._batch_sharding = None
     self.batch_size = batch_size
+    self._rows_multiple = sharding.batch_split(mesh) if mesh is not None else 1
     self._state = state
 
     def apply(state, ids, mask):
@@ -73,6 +78,13 @@ class TextEncoder:
   def tokenize(self, texts: Sequence[str]) -> Tokens:
     return self.tokenizer(texts, self.max_len)
 
+  def padded_rows(self, n: int) -> int:
+    """Rows of the batch that encodes n (<= batch_size) captions: the power of two >= n,
+    a multiple of the mesh's batch split, at most batch_size."""
+    rows = 1 << (max(n, 1) - 1).bit_length()
+    rows = -(-rows // self._rows_multiple) * self._rows_multiple
+    return min(rows, self.batch_size)
+
   def encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Embeddings [B, L, dim] float32 of already tokenized ids [B, L] and mask [B, L]."""
     ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
@@ -81,8 +93,9 @@ class TextEncoder:
     for start in range(0, len(ids), bs):
       n = min(bs, len(ids) - start)
       length = bucket_length(mask[start:start + n], ids.shape[1])
-      b_ids = np.zeros((bs, length), np.int32)
-      b_mask = np.zeros((bs, length), bool)
+      rows = self.padded_rows(n)
+      b_ids = np.zeros((rows, length), np.int32)
+      b_mask = np.zeros((rows, length), bool)
       b_ids[:n], b_mask[:n] = ids[start:start + n, :length], mask[start:start + n, :length]
       if self._batch_sharding is not None:
         b_ids = jax.device_put(b_ids, self._batch_sharding)

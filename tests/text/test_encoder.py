@@ -36,6 +36,22 @@ def test_batching_does_not_change_results(tiny):
   np.testing.assert_allclose(emb, one, atol=1e-5)
 
 
+def test_a_short_call_is_padded_to_a_power_of_two_not_the_full_batch():
+  # A training batch of 3 captions runs 4 rows, not the encoder's 64: encoding a small
+  # batch must not cost a full one. Results equal the full-batch encoding (rows are
+  # independent; the tolerance is float32 rounding of differently shaped fusions).
+  enc = text.load_text_encoder("random-t5:tiny", max_len=16, batch_size=64)
+  assert [enc.padded_rows(n) for n in (1, 3, 8, 9, 64)] == [1, 4, 8, 16, 64]
+  shapes = []
+  apply = enc._apply  # pylint: disable=protected-access
+  enc._apply = lambda state, ids, mask: shapes.append(ids.shape) or apply(state, ids, mask)  # pylint: disable=protected-access
+  emb, _ = enc.encode(CAPTIONS[:3])
+  assert [s[0] for s in shapes] == [4]
+  full = text.load_text_encoder("random-t5:tiny", max_len=16, batch_size=64)
+  ref, _ = full.encode(CAPTIONS[:3] + ["padding row"] * 61)
+  np.testing.assert_allclose(emb, ref[:3], atol=1e-5)
+
+
 def test_padding_does_not_change_real_tokens(tiny):
   # Captions that fit in 16 byte tokens, so both encoders see the same real tokens.
   long = text.load_text_encoder("random-t5:tiny", max_len=48, batch_size=4)
