@@ -9,9 +9,9 @@ Variants (after the colon):
   study  the noise-schedule study's first CPU recipe (experiments/emoji_schedules.py:cpu):
          the demo network on the emoji data at 32x32, batch 32, checkpoints kept for
          --mode=eval to follow FID over training
-  study16  its faster recipe (experiments/emoji_schedules.py:cpu16): the same network
-         with three levels at 16x16, batch 8 for 4x the steps, text from the embedding
-         cache (--mode=precompute fills it; data.embedding_cache names it)
+  study16  its faster recipe (experiments/emoji_schedules.py:cpu16): the same blocks on
+         three levels at 16x16, 10000 steps of batch 8, text from the embedding cache
+         (--mode=precompute fills it; data.embedding_cache names it)
   smoke  seconds-long forward/backward on CPU for tests: 16x16, 798,115 params
   500m   paper scale, T5-XXL text (4096-d): 548,759,555 params (+9.8%)
   2b     paper scale, T5-XXL text (4096-d): 2,155,545,603 params (+7.8%)
@@ -102,19 +102,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   alignment=dict(train_limit=2000, dim=128, steps=600, batch_size=256,
                                  lr=1e-3, weight_decay=1e-4, candidates=100, seed=0))
   elif variant == "study16":
-    # What the 2-core CPU spent of each :study step: ~0.4 s encoding the batch's captions
-    # with MiniLM (the cache removes it), ~1 s the 32 px step. At 16 px and batch 8 a step
-    # takes ~0.13 s, so an arm trains 5000 steps in about ten minutes: the same images as
-    # :study's 1250 steps of 32, in 4x the updates (experiments/README.md, Study B).
+    # What a :study step cost on the 2-core CPU: ~0.45 s encoding the batch's captions
+    # with MiniLM (the cache removes it) and ~1.1 s the 32 px step. At 16 px and batch 8 a
+    # step takes ~0.14 s (benchmarks/results/train_loop.md), so an arm trains 10000 steps
+    # in about 25 minutes alone: twice the images of :study's 1250 steps of 32, in 8x the
+    # updates. The v arm's grid shows round faces by step 10000, not yet at 5000
+    # (experiments/results/emoji16_v_probe).
     c.model.update(image_size=16, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                    attn_resolutions=(8,), dropout=0.0)
     c.data.update(resolution=16)
-    c.train.update(batch_size=8, steps=5000)
+    c.train.update(batch_size=8, steps=10000)
     c.optim.update(lr=1e-3, warmup_steps=100, ema_decays=(0.995,))
-    c.ckpt.update(every=500, keep=1000, async_save=False)
+    c.ckpt.update(every=1000, keep=1000, async_save=False)
     c.log.update(every=50, sample_every=0)
     c.diffusion.sampler.update(steps=20)
-    c.eval.update(steps=(1000, 2500, 5000), num_images=200, batch_size=100,
+    c.eval.update(steps=(2000, 5000, 10000), num_images=200, batch_size=100,
                   reference_limit=0,
                   alignment=dict(train_limit=2000, dim=128, steps=600, batch_size=256,
                                  lr=1e-3, weight_decay=1e-4, candidates=100, seed=0))

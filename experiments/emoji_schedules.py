@@ -21,10 +21,11 @@ prompts. Arms (the list of issue 15, as in Study A, experiments/gmm_schedules.py
 
 Variants:
   cpu16  configs/base64.py:study16: 16x16, the demo network's blocks on three levels,
-         5000 steps of batch 8, the checkpoints of steps 1000, 2500 and 5000 evaluated at
-         200 samples; the captions are encoded once (the sweep's `prepare`: --mode=precompute
-         into ROOT/text_cache) instead of at every step. About 1.5 hours on the 2-core
-         development CPU with --jobs 2
+         10000 steps of batch 8, the checkpoints of steps 2000, 5000 and 10000 evaluated
+         at 200 samples; the captions are encoded once (the sweep's `prepare`:
+         --mode=precompute into ROOT/text_cache) instead of at every step. About 2.5 hours
+         on the 2-core development CPU (AMD EPYC) with --jobs 2, estimated from the
+         measured 0.14 s/step (two runs at a time share the cores: ~1.1x one run's rate)
   cpu    configs/base64.py:study: 32x32, the demo network (2.2M parameters), 1250 steps
          of batch 32, the checkpoints of steps 250, 750 and 1250 evaluated at 200
          samples, captions encoded at every step: about two hours with --jobs 2 (the
