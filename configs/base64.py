@@ -88,19 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "study":
     # 32 px: on the 2-core CPU a 64 px step of this network runs at ~14 img/s, 32 px at
     # 33-57 img/s (Intel Xeon / AMD EPYC), which is what lets six arms each train 1250
-    # steps, two at a time, in about two hours (experiments/README.md). The grids come
-    # from the eval job, so training does not sample.
-    c.model.update(image_size=32, channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                   attn_resolutions=(8,), dropout=0.0)
-    c.data.update(resolution=32)
-    c.train.update(batch_size=32, steps=1250)
-    c.optim.update(lr=1e-3, warmup_steps=100, ema_decays=(0.995,))
-    c.ckpt.update(every=250, keep=1000, async_save=False)
-    c.log.update(every=25, sample_every=0)
-    c.diffusion.sampler.update(steps=20)
-    c.eval.update(steps=(250, 750, 1250), num_images=200, batch_size=100, reference_limit=0,
-                  alignment=dict(train_limit=2000, dim=128, steps=600, batch_size=256,
-                                 lr=1e-3, weight_decay=1e-4, candidates=100, seed=0))
+    # steps, two at a time, in about two hours (experiments/README.md).
+    _cpu_study(c, resolution=32, channel_mult=(1, 2, 2, 2), batch_size=32, steps=1250,
+               ckpt_every=250, log_every=25, eval_steps=(250, 750, 1250))
   elif variant == "study16":
     # What a :study step cost on the 2-core CPU: ~0.45 s encoding the batch's captions
     # with MiniLM (the cache removes it) and ~1.1 s the 32 px step. At 16 px and batch 8 a
@@ -108,18 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # in about 25 minutes alone: twice the images of :study's 1250 steps of 32, in 8x the
     # updates. The v arm's grid shows round faces by step 10000, not yet at 5000
     # (experiments/results/emoji16_v_probe).
-    c.model.update(image_size=16, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                   attn_resolutions=(8,), dropout=0.0)
-    c.data.update(resolution=16)
-    c.train.update(batch_size=8, steps=10000)
-    c.optim.update(lr=1e-3, warmup_steps=100, ema_decays=(0.995,))
-    c.ckpt.update(every=1000, keep=1000, async_save=False)
-    c.log.update(every=50, sample_every=0)
-    c.diffusion.sampler.update(steps=20)
-    c.eval.update(steps=(2000, 5000, 10000), num_images=200, batch_size=100,
-                  reference_limit=0,
-                  alignment=dict(train_limit=2000, dim=128, steps=600, batch_size=256,
-                                 lr=1e-3, weight_decay=1e-4, candidates=100, seed=0))
+    _cpu_study(c, resolution=16, channel_mult=(1, 2, 2), batch_size=8, steps=10000,
+               ckpt_every=1000, log_every=50, eval_steps=(2000, 5000, 10000))
   elif variant in ("500m", "2b"):
     c.model.update(text_dim=4096, attn_resolutions=(32, 16, 8), dtype="bfloat16", remat=True)
     common.paper_text(c)
@@ -132,3 +112,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.model.update(channels=512, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
                      text_proj_dim=2048)
   return c
+
+
+def _cpu_study(c: ml_collections.ConfigDict, *, resolution: int,
+               channel_mult: tuple[int, ...], batch_size: int, steps: int, ckpt_every: int,
+               log_every: int, eval_steps: tuple[int, ...]) -> None:
+  """The noise-schedule study's CPU recipes: the demo network's blocks (32 channels, one
+  res block per level, attention at 8 px) at `resolution`, checkpoints kept for
+  --mode=eval, which scores `eval_steps` on 200 held-out captions and draws the grids (so
+  training does not sample)."""
+  c.model.update(image_size=resolution, channels=32, channel_mult=channel_mult,
+                 num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+  c.data.update(resolution=resolution)
+  c.train.update(batch_size=batch_size, steps=steps)
+  c.optim.update(lr=1e-3, warmup_steps=100, ema_decays=(0.995,))
+  c.ckpt.update(every=ckpt_every, keep=1000, async_save=False)
+  c.log.update(every=log_every, sample_every=0)
+  c.diffusion.sampler.update(steps=20)
+  c.eval.update(steps=eval_steps, num_images=200, batch_size=100, reference_limit=0,
+                alignment=dict(train_limit=2000, dim=128, steps=600, batch_size=256,
+                               lr=1e-3, weight_decay=1e-4, candidates=100, seed=0))
