@@ -135,10 +135,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   text_source = text_lib.text_source(config.data)
   if is_main and not config.data.embedding_cache and not str(
       config.data.text_encoder).startswith("random"):
-    # Measured on a 2-core CPU: MiniLM took ~0.4 s of each ~1.4 s step of base64.py:study.
+    # On a 2-core CPU MiniLM took 0.27 s of a 1.35 s base64.py:study step and half of a
+    # :study16 step (benchmarks/results/train_loop.md).
     print(f"note: every batch's captions are encoded by {config.data.text_encoder} at each "
           "step. To encode them once instead, run --mode=precompute and pass "
-          "--config.data.embedding_cache=DIR (on a CPU this can be a third of the step).")
+          "--config.data.embedding_cache=DIR (on a CPU the encoder can take a fifth to a "
+          "half of the step).")
   data = pipeline.make_pipeline(config.data, source, stage=_stage(config),
                                 batch_size=tc.batch_size, seed=tc.seed,
                                 worker_count=config.data.workers, text=text_source)
