@@ -38,11 +38,10 @@ def _per_batch(it, steps: int, warmup: int) -> float:
 
 def measure(spec: str, data_dir: str, cache: str, steps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from imagen_jax import sharding, text as text_lib  # pylint: disable=g-import-not-at-top
+  from imagen_jax import config_files, sharding, text as text_lib  # pylint: disable=g-import-not-at-top
   from imagen_jax.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
   from imagen_jax.jobs import precompute  # pylint: disable=g-import-not-at-top
   from imagen_jax.train import state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
-  from imagen_jax import config_files  # pylint: disable=g-import-not-at-top
   path, variant = spec.split(":")
   c = config_files.load(os.path.join(step_inputs.REPO, "configs", path), variant)
   batch = int(c.train.batch_size)  # the config's own, as its training runs
