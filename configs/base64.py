@@ -10,8 +10,8 @@ Variants (after the colon):
          the demo network on the emoji data at 32x32, batch 32, checkpoints kept for
          --mode=eval to follow FID over training
   study16  its faster recipe (experiments/emoji_schedules.py:cpu16): the same blocks on
-         three levels at 16x16, 10000 steps of batch 8, text from the embedding cache
-         (--mode=precompute fills it; data.embedding_cache names it)
+         three levels at 16x16, 8000 steps of batch 8 with a cosine lr decay, text from
+         the embedding cache (--mode=precompute fills it; data.embedding_cache names it)
   smoke  seconds-long forward/backward on CPU for tests: 16x16, 798,115 params
   500m   paper scale, T5-XXL text (4096-d): 548,759,555 params (+9.8%)
   2b     paper scale, T5-XXL text (4096-d): 2,155,545,603 params (+7.8%)
@@ -94,12 +94,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "study16":
     # What a :study step cost on the 2-core CPU: ~0.45 s encoding the batch's captions
     # with MiniLM (the cache removes it) and ~1.1 s the 32 px step. At 16 px and batch 8 a
-    # step takes ~0.14 s (benchmarks/results/train_loop.md), so an arm trains 10000 steps
-    # in about 25 minutes alone: twice the images of :study's 1250 steps of 32, in 8x the
-    # updates. The v arm's grid shows round faces by step 10000, not yet at 5000
-    # (experiments/results/emoji16_v_probe).
-    _cpu_study(c, resolution=16, channel_mult=(1, 2, 2), batch_size=8, steps=10000,
-               ckpt_every=1000, log_every=50, eval_steps=(2000, 5000, 10000))
+    # step takes ~0.14 s (benchmarks/results/train_loop.md), so an arm trains 8000 steps
+    # in about 20 minutes alone and six arms, two at a time, fit one ~2 h sitting. At a
+    # constant lr the v arm's grid showed round faces by step 10000, not yet at 5000
+    # (experiments/results/emoji16_v_probe); the cosine decay to a tenth spends the last
+    # steps at small steps, where a short run gains most.
+    _cpu_study(c, resolution=16, channel_mult=(1, 2, 2), batch_size=8, steps=8000,
+               ckpt_every=1000, log_every=50, eval_steps=(2000, 4000, 8000))
+    c.optim.update(schedule="cosine", end_lr_frac=0.1)
   elif variant in ("500m", "2b"):
     c.model.update(text_dim=4096, attn_resolutions=(32, 16, 8), dtype="bfloat16", remat=True)
     common.paper_text(c)
