@@ -21,11 +21,12 @@ prompts. Arms (the list of issue 15, as in Study A, experiments/gmm_schedules.py
 
 Variants:
   cpu16  configs/base64.py:study16: 16x16, the demo network's blocks on three levels,
-         10000 steps of batch 8, the checkpoints of steps 2000, 5000 and 10000 evaluated
-         at 200 samples; the captions are encoded once (the sweep's `prepare`:
-         --mode=precompute into ROOT/text_cache) instead of at every step. About 2.5 hours
-         on the 2-core development CPU (AMD EPYC) with --jobs 2, estimated from the
-         measured 0.14 s/step (two runs at a time share the cores: ~1.1x one run's rate)
+         8000 steps of batch 8 with a cosine lr decay, the checkpoints of steps 2000, 4000
+         and 8000 evaluated at 200 samples; the captions are encoded once (the sweep's
+         `prepare`: --mode=precompute into ROOT/text_cache) instead of at every step.
+         About 2.5 hours on the 2-core development CPU (AMD EPYC, AVX2) with --jobs 2:
+         each pair of arms trains in ~39 minutes (two runs share the cores at ~29 img/s
+         each) and evaluates in ~6 (the first pair ~20, building the reference features)
   cpu    configs/base64.py:study: 32x32, the demo network (2.2M parameters), 1250 steps
          of batch 32, the checkpoints of steps 250, 750 and 1250 evaluated at 200
          samples, captions encoded at every step: about two hours with --jobs 2 (the
@@ -57,13 +58,15 @@ def get_sweep(variant: str | None = None) -> dict[str, Any]:
       # One cache of reference features and alignment model for every arm.
       "eval.cache_dir": "{root}/eval_cache",
   }
-  # Every caption encoded once, before the arms (the sweep's `prepare`), into a cache the
-  # arms read: on the CPU, encoding each batch's captions with MiniLM cost ~0.4 s a step.
-  # The 32 px study on record ran without it and stays so, to reproduce as recorded.
-  prepare = ()
+  # Before the arms (the sweep's `prepare`, once): the evaluation's reference features and
+  # alignment model, which arms evaluated at once would each compute (and array tasks race
+  # to write); and every caption encoded into a cache the arms read: on the CPU, encoding
+  # each batch's captions with MiniLM cost ~0.4 s a step. The 32 px study on record
+  # encoded at every step and stays so, to reproduce as recorded.
+  prepare: tuple[tuple[str, str], ...] = (("eval_reference", "eval_reference.json"),)
   if variant != "cpu":
     common["data.embedding_cache"] = "{root}/text_cache"
-    prepare = (("precompute", "precompute.json"),)
+    prepare = (("precompute", "precompute.json"),) + prepare
   if variant == "quick":
     arms = {k: arms[k] for k in ("imagen", "v")}
     common.update({"train.steps": 60, "ckpt.every": 30, "log.every": 10, "eval.steps": (),

@@ -292,6 +292,34 @@ def test_stage_eval_scores_each_checkpoint(setup):
     stage_eval_job.run(config, workdir)
 
 
+def test_eval_reference_fills_the_cache_that_eval_reads(setup):
+  """--mode=eval_reference (a sweep's prepare step) computes the features and the
+  alignment model once; --mode=eval with the same cache_dir then computes none of them."""
+  from imagen_jax.jobs import eval_reference  # pylint: disable=g-import-not-at-top
+  root, _ = setup
+  config = _stage_eval_config(str(root / "tfds"))
+  config.eval.cache_dir = str(root / "shared_cache")
+  summary = eval_reference.run(config, str(root / "prepare"))
+  cached = sorted(os.listdir(config.eval.cache_dir))
+  assert any(n.startswith("features-test-") for n in cached), cached
+  assert any(n.startswith("features-train-") for n in cached), cached
+  assert any(n.startswith("alignment-") for n in cached), cached
+  with open(root / "prepare" / "eval_reference.json") as f:
+    written = json.load(f)
+  assert written["reference_images"] == 8 and written["text_metric"] == "alignment"
+  assert np.isfinite(written["fid_floor"]) and written["fid_floor"] == summary["fid_floor"]
+  mtimes = {n: os.path.getmtime(os.path.join(config.eval.cache_dir, n)) for n in cached}
+
+  workdir = str(root / "run_after_prepare")
+  stage_testing.write_stage(config, workdir, seed=0, step=10)
+  result = stage_eval_job.run(config, workdir)
+  assert sorted(os.listdir(config.eval.cache_dir)) == cached  # nothing new computed
+  assert {n: os.path.getmtime(os.path.join(config.eval.cache_dir, n))
+          for n in cached} == mtimes  # nor rewritten
+  assert result["fid_floor"] == summary["fid_floor"]
+  assert result["protocol"]["alignment_model"] == written["protocol"]["alignment_model"]
+
+
 def test_text_metric_picks_an_evaluator_by_name(monkeypatch):
   import ml_collections  # pylint: disable=g-import-not-at-top
   from imagen_jax.eval import evaluators  # pylint: disable=g-import-not-at-top

@@ -130,7 +130,8 @@ def test_jobs_cover_exactly_the_supported_modes(monkeypatch):
   from imagen_jax.config_checks import KINDS
   supported = {(kind, mode) for kind in KINDS for mode in jobs.modes_of(kind)}
   assert set(launch_module.JOBS) == supported
-  assert set(launch_module.MODES) == {"train", "sample", "eval", "precompute", "build_data"}
+  assert set(launch_module.MODES) == {"train", "sample", "eval", "precompute", "build_data",
+                                     "eval_reference"}
   # Every job module exists and defines run(config, workdir).
   import importlib  # pylint: disable=g-import-not-at-top
   for target in launch_module.JOBS.values():

@@ -184,20 +184,24 @@ def test_prepare_runs_once_before_the_arms_and_array_tasks_wait_for_it(tmp_path)
   assert prep.overrides["data.data_dir"] == "/data"
   assert all(r.overrides["data.embedding_cache"] == f"{root}/text_cache"
              for r in sweep_lib.plan(sweep, str(root)))
-  assert sweep_lib.pending_modes(sweep, prep) == ["precompute"]
+  assert sweep_lib.pending_modes(sweep, prep) == ["precompute", "eval_reference"]
   (root / "prepare").mkdir(parents=True)
   (root / "prepare" / "precompute.json").write_text("{}")
+  assert sweep_lib.pending_modes(sweep, prep) == ["eval_reference"]
+  (root / "prepare" / "eval_reference.json").write_text("{}")
   assert sweep_lib.pending_modes(sweep, prep) == []
-  # The 32 px study on record has no preparation (it encodes captions at every step).
+  # The 32 px study on record encodes captions at every step: it prepares only the
+  # evaluation's shared cache.
   cpu = sweep_lib.load_sweep(str(REPO / "experiments" / "emoji_schedules.py") + ":cpu")
-  assert sweep_lib.prepare_run(cpu, str(root)) is None
+  assert sweep_lib.pending_modes(cpu, sweep_lib.prepare_run(cpu, str(root))) == []
   assert all("data.embedding_cache" not in r.overrides for r in sweep_lib.plan(cpu, "/r"))
 
   listed = _cli(spec, "list", "--root", str(tmp_path / "fresh"))
   assert listed.returncode == 0, listed.stderr
-  head = listed.stdout.splitlines()[:2]
-  assert head[0] == "# [prepare] once, before any run (to run: precompute)"
+  head = listed.stdout.splitlines()[:3]
+  assert head[0] == "# [prepare] once, before any run (to run: precompute, eval_reference)"
   assert "--mode=precompute" in head[1] and f"{tmp_path}/fresh/prepare" in head[1]
+  assert "--mode=eval_reference" in head[2] and f"--config.eval.cache_dir={tmp_path}/fresh/eval_cache" in head[2]
   # An array task must not race the others to write the cache: it refuses until prepared.
   task = _cli(spec, "run", "--task", "0", "--root", str(tmp_path / "fresh"))
   assert task.returncode == 2 and "prepare" in task.stderr, task.stderr

@@ -6,6 +6,8 @@
   precompute.py      --mode=precompute of a stage config: the text-embedding cache
   train.py           --mode=train of a stage config (the loop is imagen_jax/train/trainer.py)
   eval_stage.py      --mode=eval of a base stage config: its checkpoints over training
+  eval_reference.py  --mode=eval_reference of a base stage config: what its evaluations
+                     share (reference features, the alignment model), computed once
   sample_cascade.py  --mode=sample of configs/cascade.py: prompts through the stages
   eval_cascade.py    --mode=eval of configs/cascade.py: the guidance sweep (FID, alignment)
 
@@ -94,14 +96,15 @@ def table() -> dict[tuple[str, str], JobSpec]:
 def modes() -> tuple[str, ...]:
   """Every mode some job runs, in a fixed order (launch.py's --mode choices)."""
   return _ordered({s.mode for s in specs()}, ("train", "sample", "eval", "precompute",
-                                               "build_data"))
+                                               "build_data", "eval_reference"))
 
 
 def modes_of(kind: str) -> tuple[str, ...]:
   """The modes a config kind can run, in pipeline order (build the data, precompute,
   train, sample, evaluate)."""
   return _ordered({mode for (k, mode) in table() if k == kind},
-                  ("build_data", "precompute", "train", "sample", "eval"))
+                  ("build_data", "precompute", "eval_reference", "train", "sample",
+                   "eval"))
 
 
 def _ordered(found: set[str], order: tuple[str, ...]) -> tuple[str, ...]:
