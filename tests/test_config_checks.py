@@ -186,7 +186,8 @@ def test_kinds_table():
     refs += kind.sections.values()
   for spec in jobs.specs():
     assert set(spec.kinds) <= set(config_checks.KINDS), spec
-    assert spec.mode in {"train", "sample", "eval", "precompute", "build_data"}, spec
+    assert spec.mode in {"train", "sample", "eval", "precompute", "build_data",
+                         "eval_reference"}, spec
     refs += [ref for _, ref in spec.sections]
   for ref in refs:
     cls = config_checks.section_class(ref)

@@ -103,8 +103,7 @@ def modes_of(kind: str) -> tuple[str, ...]:
   """The modes a config kind can run, in pipeline order (build the data, precompute,
   train, sample, evaluate)."""
   return _ordered({mode for (k, mode) in table() if k == kind},
-                  ("build_data", "precompute", "eval_reference", "train", "sample",
-                   "eval"))
+                  ("build_data", "precompute", "train", "sample", "eval", "eval_reference"))
 
 
 def _ordered(found: set[str], order: tuple[str, ...]) -> tuple[str, ...]:
