@@ -26,7 +26,8 @@ Variants:
          `prepare`: --mode=precompute into ROOT/text_cache) instead of at every step.
          About 2.5 hours on the 2-core development CPU (AMD EPYC, AVX2) with --jobs 2:
          each pair of arms trains in ~39 minutes (two runs share the cores at ~29 img/s
-         each) and evaluates in ~6 (the first pair ~20, building the reference features)
+         each) and evaluates in ~9 (the reference features and alignment model are
+         built once, in `prepare`)
   cpu    configs/base64.py:study: 32x32, the demo network (2.2M parameters), 1250 steps
          of batch 32, the checkpoints of steps 250, 750 and 1250 evaluated at 200
          samples, captions encoded at every step: about two hours with --jobs 2 (the
