@@ -30,6 +30,7 @@ import ml_collections
 from imagen_jax import multihost
 from imagen_jax.eval import evaluators
 from imagen_jax.eval import fid as fid_lib
+from imagen_jax.jobs import eval_stage
 
 
 MODE = "eval_reference"
@@ -39,7 +40,7 @@ SECTIONS = {"eval": "imagen_jax.jobs.eval_stage:StageEvalSettings"}
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ec = config.eval
-  cache_dir = ec.cache_dir or os.path.join(workdir, "eval", "cache")
+  cache_dir = eval_stage.stage_cache_dir(ec, workdir)
   os.makedirs(workdir, exist_ok=True)
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   began = time.perf_counter()
@@ -53,10 +54,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "text_metric": scorer.name,
       "seconds": time.perf_counter() - began,
   }
-  if context.train_feats is not None:
-    summary["fid_floor"] = fid_lib.feature_distance(context.train_feats, context.ref_feats)
   if not main:
     return summary
+  if context.train_feats is not None:
+    summary["fid_floor"] = fid_lib.feature_distance(context.train_feats, context.ref_feats)
   summary["protocol"] = evaluators.protocol(context, scorer, num_images=int(ec.num_images))
   path = os.path.join(workdir, "eval_reference.json")
   with open(path + ".tmp", "w") as f:

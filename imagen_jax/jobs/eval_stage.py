@@ -153,11 +153,17 @@ def reuse_samples(step_dir: str, prompts: list[str], seed: int, guidance: float,
     return None
 
 
+def stage_cache_dir(ec: Any, workdir: str) -> str:
+  """Where the reference features and alignment model live: eval.cache_dir, else
+  WORKDIR/eval/cache (also where --mode=eval_reference fills them)."""
+  return ec.cache_dir or os.path.join(workdir, "eval", "cache")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ec = config.eval
   steps = checkpoint_steps(workdir, ec.steps)
   out_root = os.path.join(workdir, "eval")
-  cache_dir = ec.cache_dir or os.path.join(out_root, "cache")
+  cache_dir = stage_cache_dir(ec, workdir)
   os.makedirs(out_root, exist_ok=True)
   data_cfg = ml_collections.ConfigDict(config.data.to_dict())
   began = time.perf_counter()
