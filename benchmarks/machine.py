@@ -55,3 +55,21 @@ def command(script: str, argv: list[str]) -> str:
   """The command line a results file quotes: `python benchmarks/SCRIPT ARGS`."""
   import shlex  # pylint: disable=g-import-not-at-top
   return shlex.join(["python", f"benchmarks/{script}", *argv])
+
+
+def wait_for_idle(max_load: float = 0.5, timeout_s: float = 900.0, poll_s: float = 10.0,
+                  log=print) -> float:
+  """Blocks until the 1-minute load average is at most `max_load` (a previous run's load
+  decays with a one-minute time constant, so ~1.5 min after a 2-core run ends); returns it.
+  Raises TimeoutError naming the load after `timeout_s`: something else is using the CPU
+  and a timing taken now would not be a figure."""
+  import time  # pylint: disable=g-import-not-at-top
+  start = time.monotonic()
+  while (now := load()) > max_load:
+    if time.monotonic() - start > timeout_s:
+      raise TimeoutError(
+          f"1-minute load average still {now:.2f} (> {max_load}) after {timeout_s:.0f} s: "
+          "stop what else is running (`uptime`, `ps aux --sort=-%cpu | head`) and rerun.")
+    log(f"waiting for an idle CPU: load {now:.2f} > {max_load}")
+    time.sleep(poll_s)
+  return now

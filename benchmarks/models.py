@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import os
 import sys
 import time
@@ -34,9 +33,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from imagen_jax import config_files
 from imagen_jax.models import build_model, count_params, example_inputs
 
 import machine
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (config file, variant, batch for timing or None for shape-only). Timed at batch 2 on
 # CPU; paper-scale configs are only measured abstractly.
@@ -54,10 +56,9 @@ RUNS = (
 
 
 def load_config(path: str, variant: str):
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  """RUNS' config, from any working directory. config_files.load puts the repo root on
+  sys.path (config files import `configs.common`; a script's sys.path holds benchmarks/)."""
+  return config_files.load(os.path.join(REPO, path), variant)
 
 
 def sizes(config) -> tuple[int, int | None]:
