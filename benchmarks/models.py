@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -130,12 +131,16 @@ def measure(path: str, variant: str, batch: int | None) -> dict[str, Any]:
   return row
 
 
-def _time(fn, reps: int = 3) -> float:
+def _time(fn, reps: int = 7) -> float:
+  """Median ms of `reps` calls after a compiling one: a median, since at batch 2 one slow
+  call (a page fault, a thread wake-up) moved a 3-call mean by up to 2x."""
   jax.block_until_ready(fn())  # compile
-  t0 = time.perf_counter()
+  times = []
   for _ in range(reps):
+    t0 = time.perf_counter()
     jax.block_until_ready(fn())
-  return (time.perf_counter() - t0) / reps * 1000
+    times.append((time.perf_counter() - t0) * 1000)
+  return statistics.median(times)
 
 
 def before_after(rows, prefix: str) -> str:
@@ -194,7 +199,7 @@ def write(rows, out_dir: str, load_before: float, before: str = "") -> str:
             "Activation memory is XLA's temp allocation of the compiled CPU program at "
             "batch 1 (paper configs with their remat setting): the train step at the "
             "training resolution, and one sampling forward pass at the stage's output "
-            "resolution. CPU times are the mean of 3 calls after a warm-up.\n\n"
+            "resolution. CPU times are the median of 7 calls after a warm-up.\n\n"
             + table + "\n" + (f"\n{before_after(rows, before)}\n" if before else ""))
   return table
 
