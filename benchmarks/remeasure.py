@@ -37,6 +37,7 @@ COMMANDS: dict[str, list[str]] = {
     "xla_cpu_flags": ["xla_cpu_flags.py", "--rounds", "2"],
     "profile_step": ["profile_step.py", "--only", "base64.py:demo"],
     "vs_torch_demo": ["vs_torch.py", "--only", "base64.py:demo", "--out", "/tmp/vs_torch_demo"],
+    "conv_vs_torch": ["conv_vs_torch.py"],
     "vs_torch_emoji": ["vs_torch.py", "--only", "base64.py:emoji", "--rounds", "3",
                        "--out", "/tmp/vs_torch_emoji"],
 }
