@@ -36,6 +36,8 @@ COMMANDS: dict[str, list[str]] = {
     "samplers": ["samplers.py"],
     "xla_cpu_flags": ["xla_cpu_flags.py", "--rounds", "2"],
     "profile_step": ["profile_step.py", "--only", "base64.py:demo"],
+    # vs_torch.md keeps older runs as history below the current table, so these write
+    # to /tmp and their tables are copied into it by hand.
     "vs_torch_demo": ["vs_torch.py", "--only", "base64.py:demo", "--out", "/tmp/vs_torch_demo"],
     "conv_vs_torch": ["conv_vs_torch.py"],
     "vs_torch_emoji": ["vs_torch.py", "--only", "base64.py:emoji", "--rounds", "3",
