@@ -2,6 +2,9 @@ r"""XLA:CPU flag variants of the train step: speed, and the same losses.
 
   python benchmarks/xla_cpu_flags.py                          # base64 demo + emoji
   python benchmarks/xla_cpu_flags.py --only base64.py:demo --steps 8
+  python benchmarks/xla_cpu_flags.py --only base64.py:demo --builtin 2 \
+      --add "vector width 512::--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_prefer_vector_width=512" \
+      --out benchmarks/results/xla_cpu_flags_probe     # try a flag against our default
 
 Each variant runs in a fresh process (XLA reads its flags once, at backend start) with
 XLA_FLAGS set as listed, and IMAGEN_JAX_XLA_DEFAULTS=0 so that imagen_jax adds nothing:
@@ -71,17 +74,29 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "results"))
+  p.add_argument("--builtin", type=int, default=len(VARIANTS),
+                 help="run the first N built-in variants (2: jaxlib defaults, the loss "
+                      "reference, and imagen_jax's default)")
+  p.add_argument("--add", action="append", default=[], metavar="LABEL::FLAGS",
+                 help="another variant: a label and its whole XLA_FLAGS (repeatable)")
   p.add_argument("--one", default="", help=argparse.SUPPRESS)
   args = p.parse_args()
+  if not 1 <= args.builtin <= len(VARIANTS):
+    p.error(f"--builtin {args.builtin}: 1 to {len(VARIANTS)} (the first is the loss reference)")
+  bad = [a for a in args.add if "::" not in a]
+  if bad:
+    p.error(f"--add {bad[0]!r}: write LABEL::FLAGS, e.g. 'width 512::--xla_cpu_prefer_vector_width=512'")
+  variants = VARIANTS[:args.builtin] + tuple(tuple(a.split("::", 1)) for a in args.add)
   if args.one:
     print(json.dumps(one(args.one, args.batch, args.steps)))
     return
   load_before, rows = machine.load(), []
+  failed: dict[tuple[str, str], str] = {}  # (config, variant) -> the last line of its error
   with tempfile.TemporaryDirectory() as cache:
     for spec in args.only.split(","):
-      runs: dict[str, list[dict]] = {label: [] for label, _ in VARIANTS}
+      runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
       for rnd in range(args.rounds):
-        for label, flags in VARIANTS:
+        for label, flags in variants:
           env = {**os.environ, "XLA_FLAGS": flags, "IMAGEN_JAX_XLA_DEFAULTS": "0",
                  "JAX_COMPILATION_CACHE_DIR": cache,
                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -90,14 +105,15 @@ def main() -> None:
                                 capture_output=True, text=True, env=env)
           if proc.returncode:
             print(f"{spec} {label}: failed\n{proc.stderr[-1500:]}")
+            failed[(spec, label)] = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             continue
           r = json.loads(proc.stdout.strip().splitlines()[-1])
           runs[label].append(r)
           print(f"{spec} round {rnd + 1} | {label}: {r['images_per_s']:.2f} img/s, "
                 f"losses {r['losses']}", flush=True)
-      ref = runs[VARIANTS[0][0]]
+      ref = runs[variants[0][0]]
       ref_speed = statistics.median(r["images_per_s"] for r in ref)
-      for label, flags in VARIANTS:
+      for label, flags in variants:
         if not runs[label]:
           continue
         speeds = [r["images_per_s"] for r in runs[label]]
@@ -108,7 +124,7 @@ def main() -> None:
                      "max": max(speeds), "speedup": statistics.median(speeds) / ref_speed,
                      "loss_rel_diff": rel, "jax": runs[label][0]["jax"]})
   lines = ["# XLA:CPU flags on the train step", "",
-           f"Command: `{' '.join(['python benchmarks/xla_cpu_flags.py'] + sys.argv[1:])}`;"
+           f"Command: `{machine.command('xla_cpu_flags.py', sys.argv[1:])}`;"
            f" machine: {machine.describe()}; jax {rows[0]['jax'] if rows else '?'}; load "
            f"average {load_before:.2f} before, {machine.load():.2f} after. Batch "
            f"{args.batch}, {args.steps} timed steps after a warm-up, each variant in a fresh "
@@ -120,6 +136,9 @@ def main() -> None:
   lines += [f"| {r['config']} | {r['variant']} | `{r['flags']}` | {r['images_per_s']:.2f} "
             f"({r['min']:.2f}-{r['max']:.2f}) | {r['speedup']:.2f}x | {r['loss_rel_diff']:.1e} |"
             for r in rows]
+  if failed:
+    lines += ["", "Variants that failed (XLA_FLAGS as listed in the command):", ""]
+    lines += [f"- {spec}, {label}: `{err[-300:]}`" for (spec, label), err in failed.items()]
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "xla_cpu_flags.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
