@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import machine  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# name -> arguments of `python benchmarks/<script>`; the order runs quick ones first.
+# name -> arguments of `python benchmarks/<script>`, run in this order.
 COMMANDS: dict[str, list[str]] = {
     "compile_cache": ["compile_cache.py", "--only", "base64.py:demo", "--batch", "16"],
     "train": ["train.py"],
